@@ -1,0 +1,64 @@
+//! `dydit golden FILE...`: one PASS/FAIL line per file; exit 0 only if every file passes.
+
+use crate::golden::{run_file, supported_kinds};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Golden `.safetensors` files (any file of the documented format).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Print every compared tensor.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Skip (instead of fail) files whose kind this build does not implement.
+    #[arg(long)]
+    skip_unsupported: bool,
+    /// One JSON object per file.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let mut ok = true;
+    for f in &a.files {
+        let o = run_file(f);
+        if a.json {
+            println!("{}", serde_json::to_string(&o)?);
+        }
+        if !o.supported && a.skip_unsupported {
+            if !a.json {
+                println!("SKIP {} {} (kind not implemented; supported: {})", o.file, o.kind, supported_kinds().join(", "));
+            }
+            continue;
+        }
+        ok &= o.passed();
+        if a.json {
+            continue;
+        }
+        let status = if o.passed() { "PASS" } else { "FAIL" };
+        match (&o.error, o.worst()) {
+            (Some(e), _) => println!("{status} {} {} error: {e}", o.file, o.kind),
+            (None, Some(w)) => println!(
+                "{status} {} {} max_err={:.3e} tol={}",
+                o.file,
+                o.kind,
+                w.err,
+                w.tol.map_or("exact".to_string(), |t| format!("{t:e}"))
+            ),
+            (None, None) => println!("{status} {} {} (nothing compared)", o.file, o.kind),
+        }
+        if a.verbose || !o.passed() {
+            for c in &o.checks {
+                println!(
+                    "    {} {} err={:.3e} tol={}",
+                    if c.passed() { "ok  " } else { "BAD " },
+                    c.name,
+                    c.err,
+                    c.tol.map_or("exact".to_string(), |t| format!("{t:e}"))
+                );
+            }
+        }
+    }
+    Ok(if ok { 0 } else { 1 })
+}

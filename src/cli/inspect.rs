@@ -1,0 +1,74 @@
+//! `dydit inspect`: what a DyDiT checkpoint's width routers do over a sampling grid.
+
+use super::common::{device, ModelArgs};
+use crate::diffusion::Schedule;
+use crate::models::load::load_model;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Sampling steps of the grid.
+    #[arg(long, default_value_t = 250)]
+    pub num_steps: usize,
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub router_offset: f32,
+    /// Plot of active heads and MLP groups per layer against the timestep.
+    #[arg(long, default_value = "widths.png")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
+    crate::io::atomic::check_writable(&a.out)?;
+    let ckpt = a.model.ckpt.clone().ok_or_else(|| anyhow::anyhow!("--ckpt is required"))?;
+    let dev = device(a.model.cpu)?;
+    let lm = load_model(&ckpt, a.model.model.as_deref(), a.model.image_size, candle::DType::F32, &dev)?;
+    let dit = &lm.dit;
+    anyhow::ensure!(dit.dynamic.is_some(), "{} has no DyDiT routers: nothing to inspect", ckpt.display());
+    let sched = Schedule::new(&a.num_steps.to_string())?;
+    let grid: Vec<f32> = sched.timestep_map.iter().map(|&t| t as f32).collect();
+    let table = dit.mask_table(&grid, a.router_offset)?;
+    let title = format!("{} (offset {})", ckpt.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), a.router_offset);
+    crate::io::image::save_png(&crate::viz::plots::width_plot(&table, &title), &a.out)?;
+    let fr = table.active_fractions();
+    let mean_h = fr.iter().map(|f| f.0).sum::<f64>() / fr.len() as f64;
+    let mean_g = fr.iter().map(|f| f.1).sum::<f64>() / fr.len() as f64;
+    let per_layer: Vec<(f64, f64)> = (0..dit.num_layers())
+        .map(|l| {
+            let n = table.widths.len() as f64;
+            let h = table.widths.iter().map(|w| w[l].heads.count() as f64 / w[l].heads.len() as f64).sum::<f64>() / n;
+            let g = table.widths.iter().map(|w| w[l].groups.count() as f64 / w[l].groups.len() as f64).sum::<f64>() / n;
+            (h, g)
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ckpt": ckpt.display().to_string(), "format": format!("{:?}", dit.dynamic.unwrap().format),
+                "num_steps": a.num_steps, "mean_active_heads": mean_h, "mean_active_groups": mean_g,
+                "distinct_patterns": table.distinct_patterns(), "per_layer": per_layer,
+                "out": a.out.display().to_string(),
+            })
+        );
+    } else {
+        println!(
+            "{}: {:?}-format routers; over {} steps {:.1}% of heads and {:.1}% of MLP groups active; {} distinct (layer, mask) slices",
+            ckpt.display(),
+            dit.dynamic.unwrap().format,
+            a.num_steps,
+            100.0 * mean_h,
+            100.0 * mean_g,
+            table.distinct_patterns()
+        );
+        for (l, (h, g)) in per_layer.iter().enumerate() {
+            println!("  layer {l:>2}: heads {:5.1}%  groups {:5.1}%", 100.0 * h, 100.0 * g);
+        }
+        println!("wrote {}", a.out.display());
+    }
+    Ok(0)
+}

@@ -1,0 +1,54 @@
+//! The `dydit` command line.
+
+mod bench;
+mod common;
+mod convert;
+mod flops;
+mod golden;
+mod inspect;
+mod sample;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dydit", version, about = "DyDiT++ dynamic diffusion transformers on candle")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate class-conditional images (DiT or DyDiT) into a PNG grid.
+    Sample(sample::Args),
+    /// GFLOPs of a preset, or the dynamic GFLOPs a DyDiT checkpoint spends over a sampling grid.
+    Flops(flops::Args),
+    /// Plot a DyDiT's active heads and MLP groups per layer over the timestep grid.
+    Inspect(inspect::Args),
+    /// Time forward passes on random weights.
+    Bench(bench::Args),
+    /// Convert a PyTorch checkpoint (.pt) to safetensors.
+    Convert(convert::Args),
+    /// Check this implementation against golden test vectors of the official PyTorch code.
+    Golden(golden::Args),
+}
+
+/// Runs the CLI; returns the process exit code. Every error is one clear line on stderr.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Command::Sample(a) => sample::run(a),
+        Command::Flops(a) => flops::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Golden(a) => golden::run(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

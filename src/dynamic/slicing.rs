@@ -1,0 +1,225 @@
+//! Weight slicing for TDW: run attention with only the active heads and the MLP with only the
+//! active channel groups, on weights cut once and cached per (layer, mask) under a byte budget.
+
+use super::masks::UnitMask;
+use crate::nn::Linear;
+use candle::{Result, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Attention weights restricted to `heads` active heads.
+#[derive(Debug)]
+pub struct AttnWeights {
+    /// Rows of q, k and v of the active heads: `[3·h·Dh, C]`.
+    pub qkv: Linear,
+    /// Columns of the active heads: `[C, h·Dh]`.
+    pub proj_w: Tensor,
+    /// The full proj bias: the masked upstream code adds it whatever the mask.
+    pub proj_b: Option<Tensor>,
+    pub heads: usize,
+}
+
+/// MLP weights restricted to `groups` active channel groups.
+#[derive(Debug)]
+pub struct MlpWeights {
+    /// Rows of the active groups: `[g·S, C]`.
+    pub fc1: Linear,
+    /// Columns of the active groups: `[C, g·S]`.
+    pub fc2_w: Tensor,
+    /// The full fc2 bias (kept, as in the masked code).
+    pub fc2_b: Option<Tensor>,
+    pub groups: usize,
+}
+
+impl AttnWeights {
+    pub fn full(qkv: &Linear, proj: &Linear, heads: usize) -> Self {
+        Self {
+            qkv: qkv.clone(),
+            proj_w: proj.weight.clone(),
+            proj_b: proj.bias.clone(),
+            heads,
+        }
+    }
+
+    /// Cuts the active heads' rows of qkv (at offsets 0, C, 2C) and columns of proj.
+    pub fn slice(qkv: &Linear, proj: &Linear, mask: UnitMask, head_dim: usize) -> Result<Self> {
+        if mask.is_full() {
+            return Ok(Self::full(qkv, proj, mask.len()));
+        }
+        let c = mask.len() * head_dim;
+        let active = mask.active();
+        let mut rows = Vec::with_capacity(3 * active.len() * head_dim);
+        for part in 0..3 {
+            for &h in &active {
+                rows.extend((0..head_dim).map(|d| (part * c + h * head_dim + d) as u32));
+            }
+        }
+        let cols: Vec<u32> = rows[..active.len() * head_dim].to_vec();
+        let dev = qkv.weight.device();
+        let rows = Tensor::from_vec(rows.clone(), rows.len(), dev)?;
+        let cols = Tensor::from_vec(cols.clone(), cols.len(), dev)?;
+        let qkv_s = Linear::new(
+            qkv.weight.index_select(&rows, 0)?,
+            qkv.bias.as_ref().map(|b| b.index_select(&rows, 0)).transpose()?,
+        );
+        Ok(Self {
+            qkv: qkv_s,
+            proj_w: proj.weight.index_select(&cols, 1)?,
+            proj_b: proj.bias.clone(),
+            heads: active.len(),
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        bytes(&self.qkv.weight) + self.qkv.bias.as_ref().map_or(0, bytes) + bytes(&self.proj_w)
+    }
+}
+
+impl MlpWeights {
+    pub fn full(fc1: &Linear, fc2: &Linear, groups: usize) -> Self {
+        Self {
+            fc1: fc1.clone(),
+            fc2_w: fc2.weight.clone(),
+            fc2_b: fc2.bias.clone(),
+            groups,
+        }
+    }
+
+    /// Cuts the active groups' contiguous rows of fc1 and columns of fc2.
+    pub fn slice(fc1: &Linear, fc2: &Linear, mask: UnitMask) -> Result<Self> {
+        if mask.is_full() {
+            return Ok(Self::full(fc1, fc2, mask.len()));
+        }
+        let size = fc1.out_features() / mask.len();
+        let idx: Vec<u32> = mask
+            .active()
+            .iter()
+            .flat_map(|&g| (g * size..(g + 1) * size).map(|i| i as u32))
+            .collect();
+        let dev = fc1.weight.device();
+        let idx_t = Tensor::from_vec(idx.clone(), idx.len(), dev)?;
+        Ok(Self {
+            fc1: Linear::new(
+                fc1.weight.index_select(&idx_t, 0)?,
+                fc1.bias.as_ref().map(|b| b.index_select(&idx_t, 0)).transpose()?,
+            ),
+            fc2_w: fc2.weight.index_select(&idx_t, 1)?,
+            fc2_b: fc2.bias.clone(),
+            groups: mask.count(),
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        bytes(&self.fc1.weight) + self.fc1.bias.as_ref().map_or(0, bytes) + bytes(&self.fc2_w)
+    }
+}
+
+fn bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Part {
+    Attn,
+    Mlp,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Attn(Arc<AttnWeights>),
+    Mlp(Arc<MlpWeights>),
+}
+
+/// LRU cache of sliced weights keyed by (layer, part, mask). Masks repeat across neighbouring
+/// timesteps, so a 250-step grid needs far fewer slices than steps; the byte budget bounds memory.
+#[derive(Debug)]
+pub struct SliceCache {
+    budget: usize,
+    used: usize,
+    tick: u64,
+    map: HashMap<(usize, Part, u64), (Entry, usize, u64)>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl SliceCache {
+    /// `budget` in bytes; 0 disables caching (slices are cut at every use).
+    pub fn new(budget: usize) -> Self {
+        Self {
+            budget,
+            used: 0,
+            tick: 0,
+            map: HashMap::new(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used
+    }
+
+    fn touch(&mut self, key: (usize, Part, u64)) -> Option<&Entry> {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.map.get_mut(&key) {
+            Some(e) => {
+                e.2 = tick;
+                self.hits += 1;
+                Some(&e.0)
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, key: (usize, Part, u64), entry: Entry, size: usize) {
+        self.misses += 1;
+        if size > self.budget {
+            return;
+        }
+        while self.used + size > self.budget {
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, v)| v.2)
+                .map(|(k, _)| *k)
+                .expect("used > 0 implies an entry");
+            let (_, s, _) = self.map.remove(&oldest).unwrap();
+            self.used -= s;
+        }
+        self.used += size;
+        self.map.insert(key, (entry, size, self.tick));
+    }
+
+    pub fn attn(
+        &mut self,
+        layer: usize,
+        mask: UnitMask,
+        make: impl FnOnce() -> Result<AttnWeights>,
+    ) -> Result<Arc<AttnWeights>> {
+        let key = (layer, Part::Attn, mask.bits());
+        if let Some(Entry::Attn(w)) = self.touch(key) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(make()?);
+        let size = if mask.is_full() { 0 } else { w.bytes() };
+        self.insert(key, Entry::Attn(w.clone()), size);
+        Ok(w)
+    }
+
+    pub fn mlp(
+        &mut self,
+        layer: usize,
+        mask: UnitMask,
+        make: impl FnOnce() -> Result<MlpWeights>,
+    ) -> Result<Arc<MlpWeights>> {
+        let key = (layer, Part::Mlp, mask.bits());
+        if let Some(Entry::Mlp(w)) = self.touch(key) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(make()?);
+        let size = if mask.is_full() { 0 } else { w.bytes() };
+        self.insert(key, Entry::Mlp(w.clone()), size);
+        Ok(w)
+    }
+}

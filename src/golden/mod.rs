@@ -1,0 +1,206 @@
+//! Golden-vector parity: runs any file of `shared/golden` (format in its README) through this
+//! implementation by the file's `kind` and compares every expected tensor.
+
+mod kinds;
+
+use anyhow::Context;
+use candle::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A golden file: tensors by name plus the metadata that drives the check.
+pub struct GoldenFile {
+    pub path: PathBuf,
+    pub kind: String,
+    pub config: serde_json::Value,
+    pub tolerance: f64,
+    pub tolerance_detail: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl GoldenFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let kind = meta
+            .get("kind")
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{}: metadata has no 'kind'", path.display()))?;
+        let parse = |k: &str| -> anyhow::Result<serde_json::Value> {
+            match meta.get(k) {
+                Some(s) => serde_json::from_str(s).with_context(|| format!("{}: metadata '{k}' is not JSON", path.display())),
+                None => Ok(serde_json::Value::Null),
+            }
+        };
+        let tolerance = meta
+            .get("tolerance")
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(1e-4);
+        let tensors = candle::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .with_context(|| format!("{}: reading tensors", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            config: parse("config")?,
+            tolerance_detail: parse("tolerance_detail")?,
+            kind,
+            tolerance,
+            tensors,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> anyhow::Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("{}: missing tensor '{name}'", self.path.display()))
+    }
+
+    /// `model.<key>` tensors with the prefix removed: the upstream state dict.
+    pub fn model_tensors(&self) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("model.").map(|s| (s.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// `noise.0`, `noise.1`, … in order.
+    pub fn noise(&self) -> Vec<Tensor> {
+        (0..)
+            .map_while(|k| self.tensors.get(&format!("noise.{k}")).cloned())
+            .collect()
+    }
+
+    /// Tolerance for one expected tensor: `None` = must match exactly.
+    pub fn tolerance_for(&self, name: &str) -> Option<f64> {
+        let mut tol = Some(self.tolerance);
+        if let Some(map) = self.tolerance_detail.as_object() {
+            for (pat, v) in map {
+                if pattern_matches(pat, name) {
+                    tol = match v {
+                        serde_json::Value::String(s) if s == "exact" => None,
+                        v => v.as_f64().or(tol),
+                    };
+                }
+            }
+        }
+        tol
+    }
+}
+
+/// Patterns as the golden files write them: `expect.mask_*`, `expect.a/b/c_*` (alternatives
+/// sharing the `expect.` prefix), `*` matching any suffix.
+fn pattern_matches(pat: &str, name: &str) -> bool {
+    let mut parts = pat.split('/');
+    let first = parts.next().unwrap_or("");
+    let prefix = first.find('.').map(|i| &first[..=i]).unwrap_or("");
+    std::iter::once(first.to_string())
+        .chain(parts.map(|p| format!("{prefix}{p}")))
+        .any(|alt| match alt.strip_suffix('*') {
+            Some(stem) => name.starts_with(stem),
+            None => name == alt,
+        })
+}
+
+/// One compared tensor.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: String,
+    pub err: f64,
+    /// `None`: exact match required.
+    pub tol: Option<f64>,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        match self.tol {
+            None => self.err == 0.0,
+            Some(t) => self.err <= t,
+        }
+    }
+}
+
+/// Result of one golden file.
+#[derive(Debug, serde::Serialize)]
+pub struct Outcome {
+    pub file: String,
+    pub kind: String,
+    pub checks: Vec<Check>,
+    /// Set when the file could not be run (unsupported kind or error).
+    pub error: Option<String>,
+    pub supported: bool,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && !self.checks.is_empty() && self.checks.iter().all(Check::passed)
+    }
+    /// The check furthest from its tolerance (exact checks count as tolerance 0).
+    pub fn worst(&self) -> Option<&Check> {
+        self.checks.iter().max_by(|a, b| {
+            let score = |c: &Check| match c.tol {
+                None => if c.err == 0.0 { 0.0 } else { f64::INFINITY },
+                Some(t) => c.err / t,
+            };
+            score(a).total_cmp(&score(b))
+        })
+    }
+}
+
+/// The kinds this build can run.
+pub fn supported_kinds() -> &'static [&'static str] {
+    kinds::SUPPORTED
+}
+
+/// Runs one golden file.
+pub fn run_file(path: &Path) -> Outcome {
+    let file = path.display().to_string();
+    let g = match GoldenFile::load(path) {
+        Ok(g) => g,
+        Err(e) => {
+            return Outcome { file, kind: "?".into(), checks: vec![], error: Some(format!("{e:#}")), supported: true }
+        }
+    };
+    let kind = g.kind.clone();
+    if !kinds::SUPPORTED.contains(&kind.as_str()) {
+        return Outcome { file, kind, checks: vec![], error: Some("kind not supported by this build".into()), supported: false };
+    }
+    match kinds::run(&g) {
+        Ok(checks) => Outcome { file, kind, checks, error: None, supported: true },
+        Err(e) => Outcome { file, kind, checks: vec![], error: Some(format!("{e:#}")), supported: true },
+    }
+}
+
+/// Compares `got` with `expect.<name>` of the file under its tolerance.
+pub fn compare(g: &GoldenFile, name: &str, got: &Tensor) -> anyhow::Result<Check> {
+    let expect = g.get(name)?;
+    anyhow::ensure!(
+        got.dims() == expect.dims(),
+        "{name}: shape {:?} but expected {:?}",
+        got.dims(),
+        expect.dims()
+    );
+    let tol = g.tolerance_for(name);
+    let err = if tol.is_none() {
+        // Exact: absolute max difference (0 means bit-identical values).
+        let a = got.to_dtype(candle::DType::F64)?.flatten_all()?;
+        let b = expect.to_dtype(candle::DType::F64)?.flatten_all()?;
+        (a - b)?.abs()?.max(0)?.to_scalar::<f64>()?
+    } else {
+        crate::nn::ops::max_rel_err(got, expect)?
+    };
+    Ok(Check { name: name.to_string(), err, tol })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pattern_matches;
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("expect.mask_*", "expect.mask_attn"));
+        assert!(pattern_matches("expect.trajectory/pred_xstart/model_out_*", "expect.pred_xstart"));
+        assert!(pattern_matches("expect.trajectory/pred_xstart/model_out_*", "expect.model_out_raw"));
+        assert!(!pattern_matches("expect.trajectory/pred_xstart/model_out_*", "expect.sample"));
+        assert!(pattern_matches("expect.timesteps", "expect.timesteps"));
+    }
+}

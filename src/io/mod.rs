@@ -1,0 +1,5 @@
+//! File formats: checkpoints, atomic output, images.
+
+pub mod atomic;
+pub mod checkpoint;
+pub mod image;

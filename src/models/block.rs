@@ -1,0 +1,228 @@
+//! The DiT / DyDiT transformer block (adaLN-Zero), in two equivalent forms:
+//! * [`DitBlock::forward`]: inference on (possibly sliced) weights with ragged token routing —
+//!   the form that really skips work;
+//! * [`DitBlock::forward_masked`]: the upstream dense formulation that multiplies by masks —
+//!   the reference for tests and the differentiable form for training.
+
+use crate::dynamic::router::BlockRouters;
+use crate::dynamic::slicing::{AttnWeights, MlpWeights};
+use crate::nn::{kernels, ops, Linear};
+use candle::{Result, Tensor, D};
+
+pub const LN_EPS: f64 = 1e-6;
+
+#[derive(Debug, Clone)]
+pub struct DitBlock {
+    pub ada: Linear,
+    pub qkv: Linear,
+    pub proj: Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub num_heads: usize,
+    pub routers: Option<BlockRouters>,
+}
+
+/// Which tokens go through the MLP in the inference path.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenMode {
+    /// Every token (DiT, or DyDiT with SDT off).
+    All,
+    /// SDT: the token router picks the tokens, its logits shifted by `offset`.
+    Routed { offset: f32 },
+}
+
+/// adaLN modulation vectors of a block, each `[B, C]`.
+pub struct Modulation {
+    pub shift_msa: Tensor,
+    pub scale_msa: Tensor,
+    pub gate_msa: Tensor,
+    pub shift_mlp: Tensor,
+    pub scale_mlp: Tensor,
+    pub gate_mlp: Tensor,
+}
+
+/// Per-block masks of the dense formulation; each `[B, units]` or `[B, N]` of 0/1 (or STE values).
+pub struct BlockMasks<'a> {
+    pub heads: &'a Tensor,
+    pub groups: &'a Tensor,
+    /// `None`: every token (complete model).
+    pub tokens: Option<&'a Tensor>,
+}
+
+impl DitBlock {
+    pub fn hidden(&self) -> usize {
+        self.qkv.in_features()
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden() / self.num_heads
+    }
+    pub fn mlp_groups(&self) -> usize {
+        self.num_heads
+    }
+
+    pub fn full_attn(&self) -> AttnWeights {
+        AttnWeights::full(&self.qkv, &self.proj, self.num_heads)
+    }
+    pub fn full_mlp(&self) -> MlpWeights {
+        MlpWeights::full(&self.fc1, &self.fc2, self.mlp_groups())
+    }
+
+    /// `c_act` is SiLU(t_emb + y_emb), shared by all blocks.
+    pub fn modulation(&self, c_act: &Tensor) -> Result<Modulation> {
+        let v = self.ada.forward_chunks(c_act, 6)?;
+        let mut it = v.into_iter();
+        let mut next = || it.next().unwrap().contiguous();
+        Ok(Modulation {
+            shift_msa: next()?,
+            scale_msa: next()?,
+            gate_msa: next()?,
+            shift_mlp: next()?,
+            scale_mlp: next()?,
+            gate_mlp: next()?,
+        })
+    }
+
+    /// Multi-head self-attention of `xn [B, N, C]` over `w.heads` heads; returns the concatenated
+    /// head outputs `[B·N, h·Dh]` before proj. `diff` selects differentiable ops.
+    fn attention_heads(&self, xn: &Tensor, qkv: &Linear, heads: usize, diff: bool) -> Result<Tensor> {
+        let (b, n, _) = xn.dims3()?;
+        let dh = self.head_dim();
+        let qkv = qkv
+            .forward(&xn.reshape((b * n, ()))?)?
+            .reshape((b, n, 3, heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let scale = (dh as f64).powf(-0.5);
+        let q = (qkv.get(0)? * scale)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let att = q.matmul(&k.t()?)?;
+        let att = if diff { ops::softmax_diff(&att)? } else { ops::softmax(att)? };
+        att.matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b * n, heads * dh))
+    }
+
+    /// Inference forward: attention over `attn.heads` heads, MLP over `mlp.groups` groups on the
+    /// tokens chosen by `tokens`. Returns the new residual stream and, with SDT, the selected rows
+    /// of the flattened `[B·N]` token set.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        m: &Modulation,
+        attn: &AttnWeights,
+        mlp: &MlpWeights,
+        tokens: TokenMode,
+    ) -> Result<(Tensor, Option<Vec<u32>>)> {
+        let (b, n, c) = x.dims3()?;
+        // Attention: all tokens, active heads only.
+        let a = if attn.heads == 0 {
+            // No head left (old format): the masked code still adds gate · proj.bias.
+            bias_rows(attn.proj_b.as_ref(), b * n, c, x)?
+        } else {
+            let xn = kernels::layer_norm_modulate(x, &m.shift_msa, &m.scale_msa, LN_EPS)?;
+            let o = self.attention_heads(&xn, &attn.qkv, attn.heads, false)?;
+            Linear::new(attn.proj_w.clone(), attn.proj_b.clone()).forward(&o)?
+        };
+        let x = (x + a.reshape((b, n, c))?.broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
+
+        match tokens {
+            TokenMode::All => {
+                let h = kernels::layer_norm_modulate(&x, &m.shift_mlp, &m.scale_mlp, LN_EPS)?;
+                let y = mlp_rows(&h.reshape((b * n, c))?, mlp, &x)?;
+                let x = (x + y.reshape((b, n, c))?.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?)?;
+                Ok((x, None))
+            }
+            TokenMode::Routed { offset } => {
+                let routers = self.routers.as_ref().ok_or_else(|| {
+                    candle::Error::Msg("token routing requested on a block without routers".into())
+                })?;
+                let flat = x.reshape((b * n, c))?;
+                let idx = routers.token.select(&flat, offset)?;
+                if idx.is_empty() {
+                    return Ok((x, Some(idx)));
+                }
+                // One ragged matrix for the whole batch: gather, MLP, scatter-add.
+                let dev = x.device();
+                let sample: Vec<u32> = idx.iter().map(|&i| i / n as u32).collect();
+                let idx_t = Tensor::from_slice(&idx, idx.len(), dev)?;
+                let smp_t = Tensor::from_slice(&sample, sample.len(), dev)?;
+                let u = kernels::gather_layer_norm_modulate(&x, &idx, &m.shift_mlp, &m.scale_mlp, LN_EPS)?;
+                let y = mlp_rows(&u, mlp, &x)?;
+                let upd = (y * m.gate_mlp.index_select(&smp_t, 0)?)?;
+                let x = flat.index_add(&idx_t, &upd, 0)?.reshape((b, n, c))?;
+                Ok((x, Some(idx)))
+            }
+        }
+    }
+
+    /// Dense masked forward exactly as upstream DyDiT writes it (or plain DiT when `masks` is None).
+    /// Returns the new residual stream and the token-router logits `[B, N]` computed on the
+    /// post-attention stream (what the caller turns into the token mask for `masks.tokens`).
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        m: &Modulation,
+        masks: Option<&BlockMasks>,
+        token_gate: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+        diff: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, n, c) = x.dims3()?;
+        let ln = |t: &Tensor| if diff { ops::layer_norm_diff(t, LN_EPS) } else { ops::layer_norm(t, LN_EPS) };
+        let xn = ops::modulate(&ln(x)?, &m.shift_msa, &m.scale_msa)?;
+        let mut o = self.attention_heads(&xn, &self.qkv, self.num_heads, diff)?;
+        if let Some(mk) = masks {
+            let rep = repeat_units(mk.heads, self.head_dim())?; // [B, C]
+            o = o.reshape((b, n, c))?.broadcast_mul(&rep.unsqueeze(1)?)?.reshape((b * n, c))?;
+        }
+        let a = self.proj.forward(&o)?.reshape((b, n, c))?;
+        let x = (x + a.broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
+
+        // Token mask from the router on the post-attention stream.
+        let tok = match (masks, &self.routers) {
+            (Some(_), Some(r)) => {
+                let logits = r.token.logits(&x.reshape((b * n, c))?)?.reshape((b, n))?;
+                Some(token_gate(&logits)?)
+            }
+            _ => None,
+        };
+
+        let h = ops::modulate(&ln(&x)?, &m.shift_mlp, &m.scale_mlp)?;
+        let mut h = self.fc1.forward(&h.reshape((b * n, c))?)?;
+        if let Some(mk) = masks {
+            let hid = h.dim(1)?;
+            let rep = repeat_units(mk.groups, hid / self.mlp_groups())?; // [B, hidden]
+            h = h.reshape((b, n, hid))?.broadcast_mul(&rep.unsqueeze(1)?)?.reshape((b * n, hid))?;
+        }
+        let y = self.fc2.forward(&ops::gelu_tanh(&h)?)?.reshape((b, n, c))?;
+        let mut upd = y.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?;
+        if let Some(t) = &tok {
+            upd = upd.broadcast_mul(&t.unsqueeze(D::Minus1)?)?;
+        }
+        Ok(((x + upd)?, tok))
+    }
+}
+
+/// MLP on token rows `[M, C]` with (sliced) weights; GELU(0) = 0 makes slicing before the
+/// activation exact. No active group: only the fc2 bias is left, as in the masked code.
+fn mlp_rows(u: &Tensor, w: &MlpWeights, like: &Tensor) -> Result<Tensor> {
+    let (rows, c) = u.dims2()?;
+    if w.groups == 0 {
+        return bias_rows(w.fc2_b.as_ref(), rows, c, like);
+    }
+    let h = ops::gelu_tanh(&w.fc1.forward(u)?)?;
+    Linear::new(w.fc2_w.clone(), w.fc2_b.clone()).forward(&h)
+}
+
+/// `[rows, C]` filled with `bias` (or zeros).
+fn bias_rows(bias: Option<&Tensor>, rows: usize, c: usize, like: &Tensor) -> Result<Tensor> {
+    match bias {
+        Some(b) => b.unsqueeze(0)?.broadcast_as((rows, c))?.contiguous(),
+        None => Tensor::zeros((rows, c), like.dtype(), like.device()),
+    }
+}
+
+/// `[B, units]` → `[B, units·size]`, each unit's value repeated over its contiguous channels.
+pub fn repeat_units(mask: &Tensor, size: usize) -> Result<Tensor> {
+    let (b, u) = mask.dims2()?;
+    mask.unsqueeze(2)?.broadcast_as((b, u, size))?.reshape((b, u * size))
+}

@@ -1,0 +1,319 @@
+//! DiT (facebookresearch/DiT) and DyDiT (DiT + TDW/SDT routers) on one backbone.
+//! SiT reuses it unchanged: only the meaning of `t` differs.
+
+use super::block::{BlockMasks, DitBlock, Modulation, TokenMode, LN_EPS};
+use super::config::DitConfig;
+use crate::dynamic::masks::{LayerWidth, MaskTable, UnitMask};
+use crate::dynamic::router::{gate_on, BlockRouters, RouterFormat, TokenRouter, WidthRouter};
+use crate::dynamic::slicing::SliceCache;
+use crate::nn::embed::{label_embed, unpatchify, PatchEmbed, TimestepEmbedder};
+use crate::nn::{ops, Linear};
+use candle::{DType, Device, Result, Tensor};
+use std::collections::HashMap;
+
+/// The routers' layout in a DyDiT checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DynamicSpec {
+    pub format: RouterFormat,
+    /// Hidden width of the token router (C/16 upstream).
+    pub token_hidden: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dit {
+    pub cfg: DitConfig,
+    pub dynamic: Option<DynamicSpec>,
+    pub x_embed: PatchEmbed,
+    /// `[N, C]`, loaded from the checkpoint (upstream stores the fixed table).
+    pub pos_embed: Tensor,
+    pub t_embed: TimestepEmbedder,
+    /// `[num_classes + 1, C]`; the last row is the null class.
+    pub y_table: Tensor,
+    pub blocks: Vec<DitBlock>,
+    pub final_ada: Linear,
+    pub final_linear: Linear,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Token embeddings plus the conditioning shared by all blocks.
+pub struct Embedded {
+    /// `[B, N, C]`
+    pub x: Tensor,
+    /// Timestep embedding `[B, C]` (what the TDW routers read).
+    pub t_emb: Tensor,
+    /// SiLU(t_emb + y_emb) `[B, C]` (what every adaLN reads).
+    pub c_act: Tensor,
+}
+
+/// Masks of a dense dynamic forward: `attn`/`mlp` `[B, L, H]`, `token` `[B, L, N]`.
+pub struct DynMasks {
+    pub attn: Tensor,
+    pub mlp: Tensor,
+    pub token: Tensor,
+}
+
+/// How the dense path turns router logits into masks.
+pub enum Gate<'a> {
+    /// Inference: on iff sigmoid(logit + offset) > 0.5.
+    Hard { offset: f32 },
+    /// Custom (training: Gumbel-sigmoid straight-through).
+    Custom(&'a mut dyn FnMut(&Tensor) -> Result<Tensor>),
+}
+
+impl Gate<'_> {
+    pub fn apply(&mut self, logits: &Tensor) -> Result<Tensor> {
+        match self {
+            Gate::Hard { offset } => {
+                let shape = logits.shape().clone();
+                let v = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let m: Vec<f32> = v.iter().map(|&l| gate_on(l + *offset) as u8 as f32).collect();
+                Tensor::from_vec(m, shape, logits.device())?.to_dtype(logits.dtype())
+            }
+            Gate::Custom(f) => f(logits),
+        }
+    }
+}
+
+/// Per-call record of which tokens each layer sent through its MLP (`None`: all of them).
+pub type TokenSelections = Vec<Option<Vec<u32>>>;
+
+impl Dit {
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Patch, timestep and class embeddings. `t` has one value per sample.
+    pub fn embed(&self, x: &Tensor, t: &[f32], y: &[u32]) -> Result<Embedded> {
+        let b = x.dim(0)?;
+        if t.len() != b || y.len() != b {
+            candle::bail!("batch {b} but {} timesteps and {} labels", t.len(), y.len());
+        }
+        if let Some(&bad) = y.iter().find(|&&c| c as usize > self.cfg.num_classes) {
+            candle::bail!(
+                "class id {bad} out of range: the model has {} classes (null id {})",
+                self.cfg.num_classes,
+                self.cfg.num_classes
+            );
+        }
+        let x = x.to_dtype(self.dtype)?;
+        let tokens = self.x_embed.forward(&x)?.broadcast_add(&self.pos_embed.unsqueeze(0)?)?;
+        let t_emb = self.t_embed.forward(t, &self.device)?;
+        let c = (&t_emb + label_embed(&self.y_table, y)?)?;
+        Ok(Embedded {
+            x: tokens,
+            t_emb,
+            c_act: ops::silu(&c)?,
+        })
+    }
+
+    /// Final adaLN + linear + unpatchify: `[B, N, C]` → `[B, out_ch, H, W]`.
+    pub fn head(&self, x: &Tensor, c_act: &Tensor, diff: bool) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let v = self.final_ada.forward_chunks(c_act, 2)?;
+        let xn = if diff { ops::layer_norm_diff(x, LN_EPS)? } else { ops::layer_norm(x, LN_EPS)? };
+        let h = ops::modulate(&xn, &v[0].contiguous()?, &v[1].contiguous()?)?;
+        let out = self.final_linear.forward(&h.reshape((b * n, c))?)?.reshape((b, n, ()))?;
+        unpatchify(&out, self.cfg.patch_size, self.cfg.out_channels())
+    }
+
+    /// Static forward (the complete model): every head, group and token.
+    pub fn forward(&self, x: &Tensor, t: &[f32], y: &[u32]) -> Result<Tensor> {
+        let e = self.embed(x, t, y)?;
+        let mut h = e.x;
+        for blk in &self.blocks {
+            let m = blk.modulation(&e.c_act)?;
+            h = blk.forward(&h, &m, &blk.full_attn(), &blk.full_mlp(), TokenMode::All)?.0;
+        }
+        self.head(&h, &e.c_act, false)
+    }
+
+    /// Dense masked DyDiT forward, the upstream formulation (masks multiply full-width results).
+    /// Returns the masks as upstream does. On a plain DiT it equals [`Dit::forward`].
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        y: &[u32],
+        gate: &mut Gate,
+        diff: bool,
+    ) -> Result<(Tensor, Option<DynMasks>)> {
+        let e = self.embed(x, t, y)?;
+        let mut h = e.x;
+        let (mut ma, mut mm, mut mt) = (vec![], vec![], vec![]);
+        for blk in &self.blocks {
+            let m: Modulation = blk.modulation(&e.c_act)?;
+            let Some(r) = &blk.routers else {
+                let mut none = |_: &Tensor| -> Result<Tensor> { unreachable!() };
+                h = blk.forward_masked(&h, &m, None, &mut none, diff)?.0;
+                continue;
+            };
+            let heads = width_mask(&r.attn, &e.t_emb, gate)?;
+            let groups = width_mask(&r.mlp, &e.t_emb, gate)?;
+            let masks = BlockMasks { heads: &heads, groups: &groups, tokens: None };
+            let mut tg = |l: &Tensor| gate.apply(l);
+            let (nh, tok) = blk.forward_masked(&h, &m, Some(&masks), &mut tg, diff)?;
+            h = nh;
+            ma.push(heads);
+            mm.push(groups);
+            mt.push(tok.expect("routers give a token mask"));
+        }
+        let out = self.head(&h, &e.c_act, diff)?;
+        let masks = if ma.is_empty() {
+            None
+        } else {
+            Some(DynMasks {
+                attn: Tensor::stack(&ma, 1)?,
+                mlp: Tensor::stack(&mm, 1)?,
+                token: Tensor::stack(&mt, 1)?,
+            })
+        };
+        Ok((out, masks))
+    }
+
+    /// Every layer's width at timestep `t` (TDW masks depend on t alone).
+    pub fn widths_at(&self, t: f32, offset: f32) -> Result<Vec<LayerWidth>> {
+        let t_emb = self.t_embed.forward(&[t], &self.device)?;
+        self.blocks
+            .iter()
+            .map(|blk| match &blk.routers {
+                None => Ok(LayerWidth::full(blk.num_heads, blk.mlp_groups())),
+                Some(r) => Ok(LayerWidth {
+                    heads: UnitMask::from_bools(&r.attn.decide(&t_emb, offset)?[0]),
+                    groups: UnitMask::from_bools(&r.mlp.decide(&t_emb, offset)?[0]),
+                }),
+            })
+            .collect()
+    }
+
+    /// The mask table of a sampling grid (the timesteps the model sees).
+    pub fn mask_table(&self, timesteps: &[f32], offset: f32) -> Result<MaskTable> {
+        let widths = timesteps
+            .iter()
+            .map(|&t| self.widths_at(t, offset))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MaskTable {
+            timesteps: timesteps.to_vec(),
+            widths,
+        })
+    }
+
+    /// Inference forward that really skips work: all samples share timestep `t`; each layer runs
+    /// the heads/groups of `widths` on sliced weights from `cache`, and with `route_tokens` only
+    /// the router-selected tokens of the whole batch go through the MLP.
+    pub fn forward_dynamic(
+        &self,
+        x: &Tensor,
+        t: f32,
+        y: &[u32],
+        widths: &[LayerWidth],
+        cache: &mut SliceCache,
+        route_tokens: Option<f32>,
+    ) -> Result<(Tensor, TokenSelections)> {
+        if widths.len() != self.blocks.len() {
+            candle::bail!("{} layer widths for {} blocks", widths.len(), self.blocks.len());
+        }
+        let b = x.dim(0)?;
+        let e = self.embed(x, &vec![t; b], y)?;
+        let mut h = e.x;
+        let mut sel = Vec::with_capacity(self.blocks.len());
+        for (l, (blk, w)) in self.blocks.iter().zip(widths).enumerate() {
+            let m = blk.modulation(&e.c_act)?;
+            let attn = cache.attn(l, w.heads, || {
+                crate::dynamic::slicing::AttnWeights::slice(&blk.qkv, &blk.proj, w.heads, blk.head_dim())
+            })?;
+            let mlp = cache.mlp(l, w.groups, || {
+                crate::dynamic::slicing::MlpWeights::slice(&blk.fc1, &blk.fc2, w.groups)
+            })?;
+            let mode = match (route_tokens, &blk.routers) {
+                (Some(offset), Some(_)) => TokenMode::Routed { offset },
+                _ => TokenMode::All,
+            };
+            let (nh, s) = blk.forward(&h, &m, &attn, &mlp, mode)?;
+            h = nh;
+            sel.push(s);
+        }
+        Ok((self.head(&h, &e.c_act, false)?, sel))
+    }
+}
+
+/// TDW mask `[B, units]` from a width router through `gate`, with the always-on unit prepended
+/// for the new format.
+fn width_mask(r: &WidthRouter, t_emb: &Tensor, gate: &mut Gate) -> Result<Tensor> {
+    let logits = r.linear.forward(t_emb)?;
+    let m = gate.apply(&logits)?;
+    match r.format {
+        RouterFormat::New => {
+            let one = Tensor::ones((m.dim(0)?, 1), m.dtype(), m.device())?;
+            Tensor::cat(&[&one, &m], 1)
+        }
+        RouterFormat::Old => Ok(m),
+    }
+}
+
+/// Builds the model from named tensors (upstream key names), checking every key and shape.
+pub fn build(
+    cfg: &DitConfig,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<Dit> {
+    cfg.validate()?;
+    let dynamic = super::weights::detect_dynamic(cfg, tensors)?;
+    super::weights::check_keys(cfg, dynamic, tensors)?;
+    let get = |k: &str| -> anyhow::Result<Tensor> {
+        Ok(tensors[k].to_device(device)?.to_dtype(dtype)?)
+    };
+    let lin = |p: &str| -> anyhow::Result<Linear> {
+        Ok(Linear::new(get(&format!("{p}.weight"))?, Some(get(&format!("{p}.bias"))?)))
+    };
+    let blocks = (0..cfg.depth)
+        .map(|i| -> anyhow::Result<DitBlock> {
+            let p = format!("blocks.{i}");
+            let routers = match dynamic {
+                None => None,
+                Some(spec) => Some(BlockRouters {
+                    attn: WidthRouter {
+                        linear: lin(&format!("{p}.attn_rate.router"))?,
+                        format: spec.format,
+                        units: cfg.num_heads,
+                    },
+                    mlp: WidthRouter {
+                        linear: lin(&format!("{p}.mlp_rate.router"))?,
+                        format: spec.format,
+                        units: cfg.num_heads,
+                    },
+                    token: TokenRouter {
+                        fc1: lin(&format!("{p}.token_selection.mlp_head.0"))?,
+                        fc2: lin(&format!("{p}.token_selection.mlp_head.2"))?,
+                    },
+                }),
+            };
+            Ok(DitBlock {
+                ada: lin(&format!("{p}.adaLN_modulation.1"))?,
+                qkv: lin(&format!("{p}.attn.qkv"))?,
+                proj: lin(&format!("{p}.attn.proj"))?,
+                fc1: lin(&format!("{p}.mlp.fc1"))?,
+                fc2: lin(&format!("{p}.mlp.fc2"))?,
+                num_heads: cfg.num_heads,
+                routers,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Dit {
+        cfg: cfg.clone(),
+        dynamic,
+        x_embed: PatchEmbed::from_conv(&get("x_embedder.proj.weight")?, get("x_embedder.proj.bias")?)?,
+        pos_embed: get("pos_embed")?.squeeze(0)?,
+        t_embed: TimestepEmbedder {
+            fc1: lin("t_embedder.mlp.0")?,
+            fc2: lin("t_embedder.mlp.2")?,
+        },
+        y_table: get("y_embedder.embedding_table.weight")?,
+        blocks,
+        final_ada: lin("final_layer.adaLN_modulation.1")?,
+        final_linear: lin("final_layer.linear")?,
+        device: device.clone(),
+        dtype,
+    })
+}

@@ -1,0 +1,89 @@
+//! Loading a model from a checkpoint file: resolve the architecture (flag, metadata or shapes),
+//! check every key, and carry the class names along.
+
+use super::config::DitConfig;
+use super::dit::{build, Dit};
+use super::weights::{describe_checkpoint, infer_config};
+use crate::io::checkpoint::{self, Checkpoint};
+use anyhow::Context;
+use candle::{DType, Device};
+use std::path::Path;
+
+/// Metadata key under which this project stores the resolved [`DitConfig`] (JSON).
+pub const META_CONFIG: &str = "dydit.config";
+/// Metadata key for the class names (JSON array of strings).
+pub const META_CLASSES: &str = "dydit.class_names";
+
+pub struct LoadedModel {
+    pub dit: Dit,
+    pub class_names: Vec<String>,
+    pub checkpoint: Checkpoint,
+}
+
+/// Resolves the config: `--model` preset (image size from the flag or the checkpoint's position
+/// table), else the checkpoint's own metadata, else its shapes when routers reveal the heads.
+pub fn resolve_config(ck: &Checkpoint, model: Option<&str>, image_size: Option<usize>) -> anyhow::Result<DitConfig> {
+    let path = ck.path.display();
+    if let Some(name) = model {
+        let size = match image_size {
+            Some(s) => s,
+            None => ck
+                .tensors
+                .get("pos_embed")
+                .zip(ck.tensors.get("x_embedder.proj.weight"))
+                .and_then(|(pe, xw)| {
+                    let n = *pe.dims().get(1)?;
+                    let p = *xw.dims().get(2)?;
+                    Some(((n as f64).sqrt().round() as usize) * p * 8)
+                })
+                .unwrap_or(256),
+        };
+        let mut cfg = DitConfig::preset(name, size)?;
+        // A preset fixes the architecture; the class count follows the checkpoint.
+        if let Some(t) = ck.tensors.get("y_embedder.embedding_table.weight") {
+            cfg.num_classes = t.dims()[0].saturating_sub(1);
+        }
+        return Ok(cfg);
+    }
+    if let Some(js) = ck.metadata.get(META_CONFIG) {
+        return serde_json::from_str(js).with_context(|| format!("{path}: bad '{META_CONFIG}' metadata"));
+    }
+    if let Some(js) = ck.metadata.get("config") {
+        // Golden-vector files carry the upstream constructor arguments.
+        let v: serde_json::Value = serde_json::from_str(js).with_context(|| format!("{path}: bad 'config' metadata"))?;
+        if v.get("model").is_some() {
+            return DitConfig::from_golden_json(&v["model"]);
+        }
+    }
+    if let Some(r) = ck.tensors.get("blocks.0.attn_rate.router.weight") {
+        // Current DyDiT format: H−1 router rows.
+        return infer_config(&ck.tensors, r.dims()[0] + 1);
+    }
+    let guess = describe_checkpoint(&ck.tensors).map(|g| format!(" (it looks like {g})")).unwrap_or_default();
+    anyhow::bail!("cannot tell the architecture of {path}{guess}: pass --model, e.g. --model DiT-XL/2")
+}
+
+/// Loads and checks a model. Errors name the file and every mismatching key.
+pub fn load_model(
+    path: &Path,
+    model: Option<&str>,
+    image_size: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<LoadedModel> {
+    let ck = checkpoint::load(path)?;
+    let cfg = resolve_config(&ck, model, image_size)?;
+    let dit = build(&cfg, &ck.tensors, dtype, device).with_context(|| {
+        format!(
+            "{} does not match {}",
+            path.display(),
+            model.map(|m| format!("--model {m}")).unwrap_or_else(|| "its own config".into())
+        )
+    })?;
+    let class_names = match ck.metadata.get(META_CLASSES) {
+        Some(js) => serde_json::from_str(js).with_context(|| format!("{}: bad '{META_CLASSES}'", path.display()))?,
+        None if cfg.num_classes == 1000 => crate::labels::imagenet_names().iter().map(|s| s.to_string()).collect(),
+        None => vec![],
+    };
+    Ok(LoadedModel { dit, class_names, checkpoint: ck })
+}

@@ -1,0 +1,8 @@
+//! Model building blocks shared by every backbone.
+
+pub mod embed;
+pub mod kernels;
+pub mod linear;
+pub mod ops;
+
+pub use linear::Linear;

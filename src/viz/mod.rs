@@ -1,0 +1,5 @@
+//! Plots and overlays drawn without a plotting library (self-contained 5×7 font).
+
+pub mod canvas;
+pub mod font;
+pub mod plots;
