@@ -18,10 +18,4 @@ pub mod pipeline;
 pub mod cli;
 pub mod runner;
 pub mod viz;
-pub mod vae { //TMP
-    pub struct Vae;
-    impl Vae {
-        pub fn load(_p: &std::path::Path, _d: &candle::Device) -> anyhow::Result<Self> { anyhow::bail!("TMP") }
-        pub fn decode_latents(&self, _l: &candle::Tensor) -> anyhow::Result<candle::Tensor> { anyhow::bail!("TMP") }
-    }
-} //TMP
+pub mod vae;

@@ -38,7 +38,8 @@ fn sample_args<'a>(ckpt: &'a str, out: &'a str) -> Vec<&'a str> {
 fn sample_tiny_dit_and_dydit_to_png() {
     let d = tmp();
     let vae = golden("vae_decode_1.safetensors");
-    for (file, dynamic) in [("dit_forward_1.safetensors", false), ("dydit_forward_1.safetensors", true)] {
+    // (file, dynamic, latent size): the tiny VAE upsamples by 2.
+    for (file, dynamic, latent) in [("dit_forward_1.safetensors", false, 8u32), ("dydit_forward_1.safetensors", true, 16)] {
         let out = d.path().join(format!("{file}.png"));
         let ck = golden(file);
         let o = run(&[
@@ -50,8 +51,9 @@ fn sample_tiny_dit_and_dydit_to_png() {
         assert!(stdout.contains("sampled 3 images"), "{stdout}");
         assert_eq!(stdout.contains("DyDiT:"), dynamic, "{stdout}");
         let img = image::open(&out).unwrap();
-        // 3 images of 16x16 in a 4-wide grid with 2-px padding.
-        assert_eq!((img.width(), img.height()), (3 * 18 + 2, 18 + 2));
+        // 3 images in a 4-wide grid with 2-px padding.
+        let px = 2 * latent;
+        assert_eq!((img.width(), img.height()), (3 * (px + 2) + 2, px + 4));
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `dydit` command line.
 
 mod bench;
+mod classes;
 mod common;
 mod convert;
 mod flops;
@@ -27,6 +28,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Time forward passes on random weights.
     Bench(bench::Args),
+    /// List the class ids and names that `--class` accepts.
+    Classes(classes::Args),
     /// Convert a PyTorch checkpoint (.pt) to safetensors.
     Convert(convert::Args),
     /// Check this implementation against golden test vectors of the official PyTorch code.
@@ -41,6 +44,7 @@ pub fn main() -> i32 {
         Command::Flops(a) => flops::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Classes(a) => classes::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Golden(a) => golden::run(a),
     };

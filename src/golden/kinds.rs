@@ -28,7 +28,7 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "dydit_forward" | "dydit_forward_old" => dydit_forward(g),
         "ddpm_sample" | "ddim_sample" | "ddpm_sample_dydit" => sample(g),
         "ddpm_training_loss" => training_loss(g),
-        "vae_decode" => Ok(vae_tmp::golden_check(&g.tensors, &g.config, &Device::Cpu)?
+        "vae_decode" => Ok(crate::vae::golden_check(&g.tensors, &g.config, &Device::Cpu)?
             .into_iter()
             .map(|(name, err)| Check { tol: g.tolerance_for(&name), name, err })
             .collect()),
@@ -243,4 +243,3 @@ fn training_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         compare(g, "expect.loss", &terms.loss)?,
     ])
 }
-mod vae_tmp { pub fn golden_check(_t: &std::collections::HashMap<String, candle::Tensor>, _c: &serde_json::Value, _d: &candle::Device) -> anyhow::Result<Vec<(String, f64)>> { anyhow::bail!("vae not yet") } }

@@ -2,14 +2,6 @@
 //! into upstream-named tensors. Both formats are untrusted input: every failure is an error that
 //! names the file, never a panic.
 
-mod crate_ptfile {
-    #[derive(Debug)] pub enum DType { F32, F16, BF16, F64, I64, U8, I32, Bool }
-    #[derive(Debug)] pub enum Container { Plain }
-    pub struct RawTensor { pub dtype: DType, pub shape: Vec<usize>, pub data: Vec<u8> }
-    pub struct Ck { pub tensors: Vec<(String, RawTensor)>, pub container: Container }
-    pub fn read_pt_bytes(_b: &[u8], _n: &str) -> Result<Ck, String> { Err("TMP".into()) }
-}
-
 use anyhow::Context;
 use candle::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -37,7 +29,7 @@ pub fn load(path: &Path) -> anyhow::Result<Checkpoint> {
 }
 
 fn load_pt_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Checkpoint> {
-    let ck = crate_ptfile::read_pt_bytes(bytes, &path.display().to_string())
+    let ck = ptfile::read_pt_bytes(bytes, &path.display().to_string())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut tensors = HashMap::new();
     for (name, raw) in ck.tensors {
@@ -51,12 +43,19 @@ fn load_pt_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Checkpoint> {
         path: path.to_path_buf(),
         tensors,
         metadata: HashMap::new(),
-        container: format!("{:?}", ck.container).to_lowercase(),
+        container: match ck.container {
+            ptfile::Container::Plain => "file".to_string(),
+            ptfile::Container::Ema => "ema".to_string(),
+            ptfile::Container::Model => "model".to_string(),
+            ptfile::Container::Module => "module".to_string(),
+            ptfile::Container::StateDict => "state_dict".to_string(),
+            ptfile::Container::Other(k) => k,
+        },
     })
 }
 
-fn raw_to_tensor(raw: &crate_ptfile::RawTensor) -> anyhow::Result<Option<Tensor>> {
-    use crate_ptfile::DType as P;
+fn raw_to_tensor(raw: &ptfile::RawTensor) -> anyhow::Result<Option<Tensor>> {
+    use ptfile::DType as P;
     let dtype = match raw.dtype {
         P::F32 => DType::F32,
         P::F16 => DType::F16,
