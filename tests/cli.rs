@@ -206,3 +206,68 @@ fn convert_pt_to_safetensors_round_trip() {
     assert!(!d.path().join("t.safetensors").exists());
     let _ = Path::new("");
 }
+
+#[test]
+fn inspect_plots_widths_and_token_maps_are_written() {
+    let d = tmp();
+    let out = d.path().join("widths.png");
+    let ck = golden("ddpm_sample_dydit_1.safetensors");
+    let o = run(&["inspect", "--ckpt", ck.to_str().unwrap(), "--num-steps", "50", "--out", out.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let h = v["mean_active_heads"].as_f64().unwrap();
+    assert!(h > 0.0 && h < 1.0, "{v}");
+    assert_eq!(v["per_layer"].as_array().unwrap().len(), 3);
+    assert!(image::open(&out).unwrap().width() > 300);
+    // A plain DiT has nothing to inspect.
+    let o = run(&["inspect", "--ckpt", golden("dit_forward_1.safetensors").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, "no DyDiT routers");
+
+    let maps = d.path().join("maps");
+    let o = run(&[
+        "sample", "--ckpt", ck.to_str().unwrap(), "--vae", golden("vae_decode_1.safetensors").to_str().unwrap(),
+        "--num-steps", "4", "--class", "3,7", "--out", d.path().join("s.png").to_str().unwrap(),
+        "--token-maps", maps.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let files: Vec<_> = std::fs::read_dir(&maps).unwrap().collect();
+    assert_eq!(files.len(), 2);
+}
+
+#[test]
+fn router_offset_changes_the_compute_spent() {
+    let ck = golden("ddpm_sample_dydit_1.safetensors");
+    let ratio = |off: &str| -> f64 {
+        let o = run(&["flops", "--ckpt", ck.to_str().unwrap(), "--num-steps", "20", "--json", "--router-offset", off]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["ratio"].as_f64().unwrap()
+    };
+    let (lo, mid, hi) = (ratio("-3"), ratio("0"), ratio("3"));
+    assert!(lo < mid && mid < hi, "{lo} {mid} {hi}");
+    assert!(hi <= 1.1 && lo > 0.0);
+}
+
+#[test]
+fn attach_routers_turns_a_dit_into_an_equivalent_dydit() {
+    let d = tmp();
+    let out = d.path().join("dy.safetensors");
+    let o = run(&["convert", golden("pt/dit_forward_1.state_dict.pt").to_str().unwrap(), out.to_str().unwrap()]);
+    // Without --model the architecture is unknown: converted as is.
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // With a golden config-bearing file the routers can be attached.
+    let o = run(&["convert", golden("dit_forward_1.safetensors").to_str().unwrap(), out.to_str().unwrap(), "--attach-routers", "new"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ck = dydit::io::checkpoint::load(&out).unwrap();
+    assert!(ck.tensors.contains_key("blocks.1.attn_rate.router.weight"));
+    // Upstream init: TDW bias 15 keeps every head and group on at every timestep.
+    let png = d.path().join("w.png");
+    let o = run(&["inspect", "--ckpt", out.to_str().unwrap(), "--num-steps", "20", "--json", "--out", png.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["mean_active_heads"], 1.0, "{v}");
+    assert_eq!(v["mean_active_groups"], 1.0, "{v}");
+    // Converting twice is refused.
+    let again = d.path().join("dy2.safetensors");
+    let o = run(&["convert", out.to_str().unwrap(), again.to_str().unwrap(), "--attach-routers", "new"]);
+    assert_clean_failure(&o, "already has DyDiT routers");
+}

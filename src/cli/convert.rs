@@ -14,11 +14,35 @@ pub struct Args {
     pub model: Option<String>,
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Turn a DiT into a DyDiT for fine-tuning: add fresh routers with the upstream init (TDW
+    /// bias 15: every head and group on; token-router bias 35: tokens on unless activations are
+    /// extreme) in the current (`new`) or first-release (`old`) format.
+    #[arg(long, value_parser = ["new", "old"])]
+    pub attach_routers: Option<String>,
+    /// Seed of the fresh router weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     crate::io::atomic::check_writable(&a.output)?;
-    let ck = load(&a.input)?;
+    let mut ck = load(&a.input)?;
+    if let Some(fmt) = &a.attach_routers {
+        let cfg = resolve_config(&ck, a.model.as_deref(), a.image_size)?;
+        anyhow::ensure!(
+            crate::models::weights::detect_dynamic(&cfg, &ck.tensors)?.is_none(),
+            "{} already has DyDiT routers",
+            a.input.display()
+        );
+        crate::models::weights::check_keys(&cfg, None, &ck.tensors)?;
+        let format = if fmt == "old" {
+            crate::dynamic::router::RouterFormat::Old
+        } else {
+            crate::dynamic::router::RouterFormat::New
+        };
+        crate::models::init::attach_routers(&cfg, &mut ck.tensors, format, a.seed)?;
+        ck.metadata.insert(META_CONFIG.into(), serde_json::to_string(&cfg)?);
+    }
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert("dydit.source".into(), a.input.display().to_string());
     meta.insert("dydit.container".into(), ck.container.clone());
