@@ -32,12 +32,18 @@ pub fn parse_classes(spec: &str, num_classes: usize, names: &[String]) -> anyhow
             .collect();
         match hits.as_slice() {
             [one] => out.push(*one as u32),
-            [] if names.is_empty() => anyhow::bail!("--class '{item}': this model has no class names; use ids 0..{}", num_classes.saturating_sub(1)),
+            [] if names.is_empty() => anyhow::bail!(
+                "--class '{item}': this model has no class names; use ids 0..{}",
+                num_classes.saturating_sub(1)
+            ),
             [] => anyhow::bail!("--class '{item}': no class of that name (see `dydit classes`)"),
             many => anyhow::bail!("--class '{item}' is ambiguous: ids {many:?}; use an id"),
         }
     }
-    anyhow::ensure!(!out.is_empty(), "--class needs at least one class id or name");
+    anyhow::ensure!(
+        !out.is_empty(),
+        "--class needs at least one class id or name"
+    );
     Ok(out)
 }
 
@@ -48,11 +54,23 @@ mod tests {
     fn ids_and_names() {
         let names: Vec<String> = imagenet_names().iter().map(|s| s.to_string()).collect();
         assert_eq!(names.len(), 1000);
-        assert_eq!(parse_classes("207,360", 1000, &names).unwrap(), vec![207, 360]);
-        assert_eq!(parse_classes("golden retriever, Otter", 1000, &names).unwrap(), vec![207, 360]);
-        assert!(parse_classes("1000", 1000, &names).unwrap_err().to_string().contains("out of range"));
+        assert_eq!(
+            parse_classes("207,360", 1000, &names).unwrap(),
+            vec![207, 360]
+        );
+        assert_eq!(
+            parse_classes("golden retriever, Otter", 1000, &names).unwrap(),
+            vec![207, 360]
+        );
+        assert!(parse_classes("1000", 1000, &names)
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
         assert!(parse_classes("-1", 1000, &names).is_err());
-        assert!(parse_classes("crane", 1000, &names).unwrap_err().to_string().contains("ambiguous"));
+        assert!(parse_classes("crane", 1000, &names)
+            .unwrap_err()
+            .to_string()
+            .contains("ambiguous"));
         assert!(parse_classes("unicornfish", 1000, &names).is_err());
     }
 }

@@ -36,7 +36,8 @@ pub struct PerSampleNoise {
 
 fn mix(seed: u64, idx: u64, stream: u64) -> u64 {
     // splitmix64 of the three parts
-    let mut z = seed ^ idx.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z =
+        seed ^ idx.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -50,7 +51,9 @@ impl PerSampleNoise {
             .map(|k| rand::rngs::StdRng::seed_from_u64(mix(seed, first + k, 0)))
             .collect();
         if cfg {
-            rngs.extend((0..n as u64).map(|k| rand::rngs::StdRng::seed_from_u64(mix(seed, first + k, 1))));
+            rngs.extend(
+                (0..n as u64).map(|k| rand::rngs::StdRng::seed_from_u64(mix(seed, first + k, 1))),
+            );
         }
         Self { rngs }
     }
@@ -71,7 +74,11 @@ impl PerSampleNoise {
 impl NoiseSource for PerSampleNoise {
     fn normal(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         if shape.first() != Some(&self.rngs.len()) {
-            candle::bail!("noise for {:?} but {} sample streams", shape, self.rngs.len());
+            candle::bail!(
+                "noise for {:?} but {} sample streams",
+                shape,
+                self.rngs.len()
+            );
         }
         let per: usize = shape[1..].iter().product();
         let mut v = Vec::with_capacity(shape[0] * per);
@@ -107,7 +114,9 @@ pub fn generate(
     let c = dit.cfg.in_channels;
     let s = dit.cfg.input_size;
     let mut noise = PerSampleNoise::new(spec.seed, first, n, cfg);
-    let z = noise.initial(n, &[c, s, s], &dit.device)?.to_dtype(dit.dtype)?;
+    let z = noise
+        .initial(n, &[c, s, s], &dit.device)?
+        .to_dtype(dit.dtype)?;
     let (x0, y) = if cfg {
         let null = dit.cfg.null_class() as u32;
         let mut y = labels.to_vec();
@@ -116,7 +125,11 @@ pub fn generate(
     } else {
         (z, labels.to_vec())
     };
-    let var = if dit.cfg.learn_sigma { VarianceKind::LearnedRange } else { VarianceKind::FixedLarge };
+    let var = if dit.cfg.learn_sigma {
+        VarianceKind::LearnedRange
+    } else {
+        VarianceKind::FixedLarge
+    };
     let total = sched.num_steps();
     let mut run = |model: &mut dyn ConditionalModel| -> anyhow::Result<Tensor> {
         let mut den = Guided {
@@ -130,7 +143,15 @@ pub fn generate(
             on_step(r.call + 1, total);
             Ok(())
         };
-        Ok(sample_loop(&sched, spec.sampler, var, &mut den, x0.clone(), &mut noise, &mut cb)?)
+        Ok(sample_loop(
+            &sched,
+            spec.sampler,
+            var,
+            &mut den,
+            x0.clone(),
+            &mut noise,
+            &mut cb,
+        )?)
     };
     let (x, records) = match engine {
         Engine::Static => (run(&mut StaticRunner(dit))?, vec![]),

@@ -89,7 +89,9 @@ impl ConditionalModel for DynamicRunner<'_> {
     fn forward_t(&mut self, x: &Tensor, t: f32, y: &[u32]) -> Result<Tensor> {
         let widths = self.widths(t)?;
         let route = self.opts.tokens.then_some(self.opts.router_offset);
-        let (out, tokens) = self.model.forward_dynamic(x, t, y, &widths, &mut self.cache, route)?;
+        let (out, tokens) = self
+            .model
+            .forward_dynamic(x, t, y, &widths, &mut self.cache, route)?;
         if self.record {
             self.records.push(CallRecord {
                 t,
@@ -103,11 +105,15 @@ impl ConditionalModel for DynamicRunner<'_> {
 }
 
 /// FLOPs of the recorded calls under `model`'s cost model.
-pub fn run_flops(model: &crate::dynamic::flops::FlopsModel, records: &[CallRecord]) -> crate::dynamic::flops::RunFlops {
+pub fn run_flops(
+    model: &crate::dynamic::flops::FlopsModel,
+    records: &[CallRecord],
+) -> crate::dynamic::flops::RunFlops {
     let calls: Vec<_> = records
         .iter()
         .map(|r| {
-            let sel: Vec<Option<usize>> = r.tokens.iter().map(|s| s.as_ref().map(Vec::len)).collect();
+            let sel: Vec<Option<usize>> =
+                r.tokens.iter().map(|s| s.as_ref().map(Vec::len)).collect();
             (r.t, r.widths.clone(), sel, r.batch)
         })
         .collect();

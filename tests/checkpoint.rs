@@ -28,25 +28,66 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn pt_layouts_hold_the_golden_weights() {
     for (pt, st, tol) in [
-        ("pt/dit_forward_1.state_dict.pt", "dit_forward_1.safetensors", 0.0),
-        ("pt/dit_forward_1.train_ckpt.pt", "dit_forward_1.safetensors", 0.0),
-        ("pt/dit_forward_1.fp16.pt", "dit_forward_1.safetensors", 2e-3),
-        ("pt/dit_forward_1.bf16.pt", "dit_forward_1.safetensors", 2e-2),
-        ("pt/dydit_forward_1.ema.pt", "dydit_forward_1.safetensors", 0.0),
-        ("pt/dydit_forward_old_1.state_dict.pt", "dydit_forward_old_1.safetensors", 0.0),
+        (
+            "pt/dit_forward_1.state_dict.pt",
+            "dit_forward_1.safetensors",
+            0.0,
+        ),
+        (
+            "pt/dit_forward_1.train_ckpt.pt",
+            "dit_forward_1.safetensors",
+            0.0,
+        ),
+        (
+            "pt/dit_forward_1.fp16.pt",
+            "dit_forward_1.safetensors",
+            2e-3,
+        ),
+        (
+            "pt/dit_forward_1.bf16.pt",
+            "dit_forward_1.safetensors",
+            2e-2,
+        ),
+        (
+            "pt/dydit_forward_1.ema.pt",
+            "dydit_forward_1.safetensors",
+            0.0,
+        ),
+        (
+            "pt/dydit_forward_old_1.state_dict.pt",
+            "dydit_forward_old_1.safetensors",
+            0.0,
+        ),
     ] {
         let a = load(&golden(pt)).unwrap_or_else(|e| panic!("{pt}: {e:#}"));
         let b = load(&golden(st)).unwrap();
         assert_eq!(a.tensors.len(), b.tensors.len(), "{pt}: tensor count");
         for (k, v) in &b.tensors {
-            let w = a.tensors.get(k).unwrap_or_else(|| panic!("{pt}: missing {k}"));
+            let w = a
+                .tensors
+                .get(k)
+                .unwrap_or_else(|| panic!("{pt}: missing {k}"));
             assert_eq!(w.dims(), v.dims(), "{pt}: {k}");
-            let scale = v.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let scale = v
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
             assert!(max_abs(w, v) <= tol * scale, "{pt}: {k} differs");
         }
     }
     // The training container must yield `ema`, not `model` (which holds the weights + 1).
-    assert_eq!(load(&golden("pt/dit_forward_1.train_ckpt.pt")).unwrap().container, "ema");
+    assert_eq!(
+        load(&golden("pt/dit_forward_1.train_ckpt.pt"))
+            .unwrap()
+            .container,
+        "ema"
+    );
 }
 
 #[test]
@@ -54,11 +95,31 @@ fn pt_checkpoint_runs_the_golden_forward() {
     // .pt → model → forward matches the upstream output (the whole path, end to end).
     let g = dydit::golden::GoldenFile::load(&golden("dit_forward_1.safetensors")).unwrap();
     let cfg = DitConfig::from_golden_json(&g.config["model"]).unwrap();
-    for (pt, tol) in [("pt/dit_forward_1.state_dict.pt", 1e-4), ("pt/dit_forward_1.train_ckpt.pt", 1e-4), ("pt/dit_forward_1.fp16.pt", 3e-3), ("pt/dit_forward_1.bf16.pt", 3e-2)] {
+    for (pt, tol) in [
+        ("pt/dit_forward_1.state_dict.pt", 1e-4),
+        ("pt/dit_forward_1.train_ckpt.pt", 1e-4),
+        ("pt/dit_forward_1.fp16.pt", 3e-3),
+        ("pt/dit_forward_1.bf16.pt", 3e-2),
+    ] {
         let ck = load(&golden(pt)).unwrap();
         let m = build(&cfg, &ck.tensors, DType::F32, &Device::Cpu).unwrap();
-        let t: Vec<f32> = g.get("input.t").unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-        let y: Vec<u32> = g.get("input.y").unwrap().to_dtype(DType::I64).unwrap().to_vec1::<i64>().unwrap().iter().map(|&v| v as u32).collect();
+        let t: Vec<f32> = g
+            .get("input.t")
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let y: Vec<u32> = g
+            .get("input.y")
+            .unwrap()
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
         let out = m.forward(g.get("input.x").unwrap(), &t, &y).unwrap();
         let err = dydit::nn::ops::max_rel_err(&out, g.get("expect.out").unwrap()).unwrap();
         assert!(err < tol, "{pt}: err {err}");
@@ -135,7 +196,10 @@ fn damaged_files_give_errors_not_panics() {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     errors += 1;
-                    assert!(e.to_string().contains(&format!("m{case}.bin")), "error must name the file: {e}");
+                    assert!(
+                        e.to_string().contains(&format!("m{case}.bin")),
+                        "error must name the file: {e}"
+                    );
                 }
                 Err(_) => panic!("panic on a mutated copy of {} (case {case})", src.display()),
             }

@@ -19,11 +19,20 @@ fn run(args: &[&str]) -> Output {
 /// Fails clearly: non-zero exit, first stderr line `error: …` mentioning `needle`, no panic.
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "panic: {err}");
     let first = err.lines().next().unwrap_or("");
-    assert!(first.starts_with("error: "), "first line should be the error: {err}");
-    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "error should mention '{needle}': {err}");
+    assert!(
+        first.starts_with("error: "),
+        "first line should be the error: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "error should mention '{needle}': {err}"
+    );
 }
 
 fn tmp() -> tempfile::TempDir {
@@ -39,12 +48,26 @@ fn sample_tiny_dit_and_dydit_to_png() {
     let d = tmp();
     let vae = golden("vae_decode_1.safetensors");
     // (file, dynamic, latent size): the tiny VAE upsamples by 2.
-    for (file, dynamic, latent) in [("dit_forward_1.safetensors", false, 8u32), ("dydit_forward_1.safetensors", true, 16)] {
+    for (file, dynamic, latent) in [
+        ("dit_forward_1.safetensors", false, 8u32),
+        ("dydit_forward_1.safetensors", true, 16),
+    ] {
         let out = d.path().join(format!("{file}.png"));
         let ck = golden(file);
         let o = run(&[
-            "sample", "--ckpt", ck.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--num-steps", "5",
-            "--class", "1,2,3", "--cfg-scale", "2.0", "--out", out.to_str().unwrap(),
+            "sample",
+            "--ckpt",
+            ck.to_str().unwrap(),
+            "--vae",
+            vae.to_str().unwrap(),
+            "--num-steps",
+            "5",
+            "--class",
+            "1,2,3",
+            "--cfg-scale",
+            "2.0",
+            "--out",
+            out.to_str().unwrap(),
         ]);
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -62,9 +85,16 @@ fn sample_json_is_machine_readable() {
     let d = tmp();
     let out = d.path().join("s.png");
     let o = run(&[
-        "sample", "--ckpt", golden("dydit_forward_1.safetensors").to_str().unwrap(),
-        "--vae", golden("vae_decode_1.safetensors").to_str().unwrap(),
-        "--num-steps", "3", "--out", out.to_str().unwrap(), "--json",
+        "sample",
+        "--ckpt",
+        golden("dydit_forward_1.safetensors").to_str().unwrap(),
+        "--vae",
+        golden("vae_decode_1.safetensors").to_str().unwrap(),
+        "--num-steps",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -87,7 +117,17 @@ fn truncated_checkpoint() {
     let d = tmp();
     let out = d.path().join("x.png");
     let ck = golden("pt/truncated.pt");
-    let o = run(&["sample", "--model", "DiT-S/2", "--ckpt", ck.to_str().unwrap(), "--num-steps", "2", "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "sample",
+        "--model",
+        "DiT-S/2",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--num-steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "truncated.pt");
     assert!(!out.exists());
     // A truncated safetensors file too.
@@ -104,7 +144,17 @@ fn checkpoint_that_does_not_match_the_model() {
     let d = tmp();
     let out = d.path().join("x.png");
     let ck = golden("pt/dit_forward_1.state_dict.pt");
-    let o = run(&["sample", "--model", "DiT-XL/2", "--ckpt", ck.to_str().unwrap(), "--num-steps", "2", "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "sample",
+        "--model",
+        "DiT-XL/2",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--num-steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "does not match --model DiT-XL/2");
     let err = String::from_utf8_lossy(&o.stderr);
     // Every problem named: shape mismatches and missing keys.
@@ -120,7 +170,17 @@ fn class_out_of_range() {
     let out = d.path().join("x.png");
     let ck = golden("dit_forward_1.safetensors");
     let vae = golden("vae_decode_1.safetensors");
-    let o = run(&["sample", "--ckpt", ck.to_str().unwrap(), "--vae", vae.to_str().unwrap(), "--class", "3,10", "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "sample",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--vae",
+        vae.to_str().unwrap(),
+        "--class",
+        "3,10",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "--class 10 out of range");
     assert!(!out.exists());
 }
@@ -129,14 +189,23 @@ fn class_out_of_range() {
 fn zero_steps() {
     let d = tmp();
     let out = d.path().join("x.png");
-    let o = run(&sample_args(golden("dit_forward_1.safetensors").to_str().unwrap(), out.to_str().unwrap()).into_iter().map(|s| if s == "4" { "0" } else { s }).collect::<Vec<_>>());
+    let o = run(&sample_args(
+        golden("dit_forward_1.safetensors").to_str().unwrap(),
+        out.to_str().unwrap(),
+    )
+    .into_iter()
+    .map(|s| if s == "4" { "0" } else { s })
+    .collect::<Vec<_>>());
     assert_clean_failure(&o, "--num-steps");
     assert!(!out.exists());
 }
 
 #[test]
 fn unwritable_output() {
-    let o = run(&sample_args(golden("dit_forward_1.safetensors").to_str().unwrap(), "/nonexistent_dir/x.png"));
+    let o = run(&sample_args(
+        golden("dit_forward_1.safetensors").to_str().unwrap(),
+        "/nonexistent_dir/x.png",
+    ));
     assert_clean_failure(&o, "/nonexistent_dir");
     let d = tmp();
     let ro = d.path().join("ro");
@@ -146,7 +215,10 @@ fn unwritable_output() {
     std::fs::set_permissions(&ro, perm).unwrap();
     // root ignores directory permissions; only assert when the probe really cannot write.
     if std::fs::File::create(ro.join("probe")).is_err() {
-        let o = run(&sample_args(golden("dit_forward_1.safetensors").to_str().unwrap(), ro.join("x.png").to_str().unwrap()));
+        let o = run(&sample_args(
+            golden("dit_forward_1.safetensors").to_str().unwrap(),
+            ro.join("x.png").to_str().unwrap(),
+        ));
         assert_clean_failure(&o, "not writable");
     }
 }
@@ -155,7 +227,10 @@ fn unwritable_output() {
 fn latent_model_without_vae() {
     let d = tmp();
     let out = d.path().join("x.png");
-    let o = run(&sample_args(golden("dit_forward_1.safetensors").to_str().unwrap(), out.to_str().unwrap()));
+    let o = run(&sample_args(
+        golden("dit_forward_1.safetensors").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ));
     assert_clean_failure(&o, "--vae");
     assert!(!out.exists());
 }
@@ -176,7 +251,10 @@ fn golden_command_exit_codes() {
     let o = run(&["golden", ok.to_str().unwrap()]);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{s}");
-    assert!(s.starts_with("PASS ") && s.contains("dit_forward max_err=") && s.contains("tol="), "{s}");
+    assert!(
+        s.starts_with("PASS ") && s.contains("dit_forward max_err=") && s.contains("tol="),
+        "{s}"
+    );
     // A file that is not golden fails, with a FAIL line.
     let d = tmp();
     let bad = d.path().join("bad.safetensors");
@@ -198,10 +276,23 @@ fn convert_pt_to_safetensors_round_trip() {
     let b = dydit::io::checkpoint::load(&golden("dit_forward_1.safetensors")).unwrap();
     for (k, v) in &b.tensors {
         let w = a.tensors.get(k).unwrap_or_else(|| panic!("missing {k}"));
-        let diff = (v - w).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (v - w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{k}");
     }
-    let o = run(&["convert", golden("pt/truncated.pt").to_str().unwrap(), d.path().join("t.safetensors").to_str().unwrap()]);
+    let o = run(&[
+        "convert",
+        golden("pt/truncated.pt").to_str().unwrap(),
+        d.path().join("t.safetensors").to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "truncated.pt");
     assert!(!d.path().join("t.safetensors").exists());
     let _ = Path::new("");
@@ -212,7 +303,16 @@ fn inspect_plots_widths_and_token_maps_are_written() {
     let d = tmp();
     let out = d.path().join("widths.png");
     let ck = golden("ddpm_sample_dydit_1.safetensors");
-    let o = run(&["inspect", "--ckpt", ck.to_str().unwrap(), "--num-steps", "50", "--out", out.to_str().unwrap(), "--json"]);
+    let o = run(&[
+        "inspect",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--num-steps",
+        "50",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let h = v["mean_active_heads"].as_f64().unwrap();
@@ -220,14 +320,30 @@ fn inspect_plots_widths_and_token_maps_are_written() {
     assert_eq!(v["per_layer"].as_array().unwrap().len(), 3);
     assert!(image::open(&out).unwrap().width() > 300);
     // A plain DiT has nothing to inspect.
-    let o = run(&["inspect", "--ckpt", golden("dit_forward_1.safetensors").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "inspect",
+        "--ckpt",
+        golden("dit_forward_1.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "no DyDiT routers");
 
     let maps = d.path().join("maps");
     let o = run(&[
-        "sample", "--ckpt", ck.to_str().unwrap(), "--vae", golden("vae_decode_1.safetensors").to_str().unwrap(),
-        "--num-steps", "4", "--class", "3,7", "--out", d.path().join("s.png").to_str().unwrap(),
-        "--token-maps", maps.to_str().unwrap(),
+        "sample",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--vae",
+        golden("vae_decode_1.safetensors").to_str().unwrap(),
+        "--num-steps",
+        "4",
+        "--class",
+        "3,7",
+        "--out",
+        d.path().join("s.png").to_str().unwrap(),
+        "--token-maps",
+        maps.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let files: Vec<_> = std::fs::read_dir(&maps).unwrap().collect();
@@ -238,7 +354,16 @@ fn inspect_plots_widths_and_token_maps_are_written() {
 fn router_offset_changes_the_compute_spent() {
     let ck = golden("ddpm_sample_dydit_1.safetensors");
     let ratio = |off: &str| -> f64 {
-        let o = run(&["flops", "--ckpt", ck.to_str().unwrap(), "--num-steps", "20", "--json", "--router-offset", off]);
+        let o = run(&[
+            "flops",
+            "--ckpt",
+            ck.to_str().unwrap(),
+            "--num-steps",
+            "20",
+            "--json",
+            "--router-offset",
+            off,
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         v["ratio"].as_f64().unwrap()
@@ -252,22 +377,47 @@ fn router_offset_changes_the_compute_spent() {
 fn attach_routers_turns_a_dit_into_an_equivalent_dydit() {
     let d = tmp();
     let out = d.path().join("dy.safetensors");
-    let o = run(&["convert", golden("pt/dit_forward_1.state_dict.pt").to_str().unwrap(), out.to_str().unwrap()]);
+    let o = run(&[
+        "convert",
+        golden("pt/dit_forward_1.state_dict.pt").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     // Without --model the architecture is unknown: converted as is.
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // With a golden config-bearing file the routers can be attached.
-    let o = run(&["convert", golden("dit_forward_1.safetensors").to_str().unwrap(), out.to_str().unwrap(), "--attach-routers", "new"]);
+    let o = run(&[
+        "convert",
+        golden("dit_forward_1.safetensors").to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--attach-routers",
+        "new",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ck = dydit::io::checkpoint::load(&out).unwrap();
     assert!(ck.tensors.contains_key("blocks.1.attn_rate.router.weight"));
     // Upstream init: TDW bias 15 keeps every head and group on at every timestep.
     let png = d.path().join("w.png");
-    let o = run(&["inspect", "--ckpt", out.to_str().unwrap(), "--num-steps", "20", "--json", "--out", png.to_str().unwrap()]);
+    let o = run(&[
+        "inspect",
+        "--ckpt",
+        out.to_str().unwrap(),
+        "--num-steps",
+        "20",
+        "--json",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["mean_active_heads"], 1.0, "{v}");
     assert_eq!(v["mean_active_groups"], 1.0, "{v}");
     // Converting twice is refused.
     let again = d.path().join("dy2.safetensors");
-    let o = run(&["convert", out.to_str().unwrap(), again.to_str().unwrap(), "--attach-routers", "new"]);
+    let o = run(&[
+        "convert",
+        out.to_str().unwrap(),
+        again.to_str().unwrap(),
+        "--attach-routers",
+        "new",
+    ]);
     assert_clean_failure(&o, "already has DyDiT routers");
 }

@@ -43,8 +43,16 @@ fn tokens_bias(t: &mut HashMap<String, Tensor>, layer: usize, bias: f32) {
     );
 }
 
-fn model(c: &DitConfig, format: RouterFormat, seed: u64, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> Dit {
-    let spec = DynamicSpec { format, token_hidden: c.hidden_size / 16 };
+fn model(
+    c: &DitConfig,
+    format: RouterFormat,
+    seed: u64,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+) -> Dit {
+    let spec = DynamicSpec {
+        format,
+        token_hidden: c.hidden_size / 16,
+    };
     let mut t = init_tensors(c, Some(spec), Init::Random, seed).unwrap();
     // Random routers: widen the logits so the patterns are mixed.
     for i in 0..c.depth {
@@ -61,7 +69,13 @@ fn model(c: &DitConfig, format: RouterFormat, seed: u64, edit: impl FnOnce(&mut 
 fn inputs(c: &DitConfig, b: usize, seed: u64) -> (Tensor, Vec<u32>) {
     let dev = Device::Cpu;
     let _ = seed;
-    let x = Tensor::randn(0f32, 1.0, (b, c.in_channels, c.input_size, c.input_size), &dev).unwrap();
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        (b, c.in_channels, c.input_size, c.input_size),
+        &dev,
+    )
+    .unwrap();
     let y = (0..b).map(|i| (i % (c.num_classes + 1)) as u32).collect();
     (x, y)
 }
@@ -71,8 +85,12 @@ fn assert_equivalent(m: &Dit, t: f32, b: usize) -> (Vec<LayerWidth>, Vec<Option<
     let (x, y) = inputs(&m.cfg, b, 0);
     let widths = m.widths_at(t, 0.0).unwrap();
     let mut cache = SliceCache::new(1 << 30);
-    let (fast, sel) = m.forward_dynamic(&x, t, &y, &widths, &mut cache, Some(0.0)).unwrap();
-    let (dense, masks) = m.forward_masked(&x, &vec![t; b], &y, &mut Gate::Hard { offset: 0.0 }, false).unwrap();
+    let (fast, sel) = m
+        .forward_dynamic(&x, t, &y, &widths, &mut cache, Some(0.0))
+        .unwrap();
+    let (dense, masks) = m
+        .forward_masked(&x, &vec![t; b], &y, &mut Gate::Hard { offset: 0.0 }, false)
+        .unwrap();
     let err = max_rel_err(&fast, &dense).unwrap();
     assert!(err < 2e-5, "sliced vs masked differ: {err}");
     let masks = masks.unwrap();
@@ -84,7 +102,11 @@ fn assert_equivalent(m: &Dit, t: f32, b: usize) -> (Vec<LayerWidth>, Vec<Option<
         for bi in 0..b {
             for ni in 0..n {
                 let on = s.binary_search(&((bi * n + ni) as u32)).is_ok();
-                assert_eq!(on, tok[bi][l][ni] == 1.0, "token mask differs at b{bi} l{l} n{ni}");
+                assert_eq!(
+                    on,
+                    tok[bi][l][ni] == 1.0,
+                    "token mask differs at b{bi} l{l} n{ni}"
+                );
             }
         }
     }
@@ -102,10 +124,19 @@ fn new_format_random_patterns() {
     let mut partial = 0;
     for t in [0.0, 250.0, 500.0, 999.0] {
         let (w, _) = assert_equivalent(&m, t, 3);
-        partial += w.iter().filter(|l| !l.heads.is_full() || !l.groups.is_full()).count();
-        assert!(w.iter().all(|l| l.heads.get(0) && l.groups.get(0)), "unit 0 always on");
+        partial += w
+            .iter()
+            .filter(|l| !l.heads.is_full() || !l.groups.is_full())
+            .count();
+        assert!(
+            w.iter().all(|l| l.heads.get(0) && l.groups.get(0)),
+            "unit 0 always on"
+        );
     }
-    assert!(partial > 0, "the random routers should switch some units off");
+    assert!(
+        partial > 0,
+        "the random routers should switch some units off"
+    );
 }
 
 #[test]
@@ -120,7 +151,10 @@ fn forced_extremes_only_unit_zero_and_all_tokens_off() {
     let (w, sel) = assert_equivalent(&m, 500.0, 2);
     assert_eq!(w[0].heads.active(), vec![0]);
     assert_eq!(w[1].groups.active(), vec![0]);
-    assert!(sel[2].as_ref().unwrap().is_empty(), "layer 2 routes no token");
+    assert!(
+        sel[2].as_ref().unwrap().is_empty(),
+        "layer 2 routes no token"
+    );
     assert_eq!(sel[0].as_ref().unwrap().len(), 2 * c.num_tokens());
 }
 
@@ -151,9 +185,15 @@ fn full_width_all_tokens_is_the_static_model() {
     let (x, y) = inputs(&c, 2, 0);
     let widths = m.widths_at(10.0, 0.0).unwrap();
     let mut cache = SliceCache::new(1 << 20);
-    let (fast, _) = m.forward_dynamic(&x, 10.0, &y, &widths, &mut cache, Some(0.0)).unwrap();
+    let (fast, _) = m
+        .forward_dynamic(&x, 10.0, &y, &widths, &mut cache, Some(0.0))
+        .unwrap();
     let st = m.forward(&x, &[10.0, 10.0], &y).unwrap();
-    assert_eq!(max_rel_err(&fast, &st).unwrap(), 0.0, "all-on dynamic path must be bit-identical to static");
+    assert_eq!(
+        max_rel_err(&fast, &st).unwrap(),
+        0.0,
+        "all-on dynamic path must be bit-identical to static"
+    );
 }
 
 #[test]
@@ -166,8 +206,14 @@ fn slice_cache_bounds_memory_and_reuses_slices() {
     let mut big = SliceCache::new(1 << 30);
     let mut tiny = SliceCache::new(8 * 1024);
     for (i, &t) in ts.iter().enumerate() {
-        let a = m.forward_dynamic(&x, t, &y, &table.widths[i], &mut big, Some(0.0)).unwrap().0;
-        let b = m.forward_dynamic(&x, t, &y, &table.widths[i], &mut tiny, Some(0.0)).unwrap().0;
+        let a = m
+            .forward_dynamic(&x, t, &y, &table.widths[i], &mut big, Some(0.0))
+            .unwrap()
+            .0;
+        let b = m
+            .forward_dynamic(&x, t, &y, &table.widths[i], &mut tiny, Some(0.0))
+            .unwrap()
+            .0;
         assert_eq!(max_rel_err(&a, &b).unwrap(), 0.0);
         assert!(tiny.used_bytes() <= 8 * 1024);
     }
@@ -181,13 +227,18 @@ fn router_offset_trades_width_for_speed() {
     let m = model(&c, RouterFormat::New, 6, |_| {});
     let count = |off: f32| -> usize {
         (0..10)
-            .map(|i| m.widths_at(i as f32 * 100.0, off).unwrap().iter().map(|w| w.heads.count() + w.groups.count()).sum::<usize>())
+            .map(|i| {
+                m.widths_at(i as f32 * 100.0, off)
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.heads.count() + w.groups.count())
+                    .sum::<usize>()
+            })
             .sum()
     };
     assert!(count(-5.0) <= count(0.0) && count(0.0) <= count(5.0));
     assert!(count(-100.0) < count(100.0));
 }
-
 
 #[test]
 fn plain_dit_with_fresh_routers_is_still_the_dit() {
@@ -203,10 +254,16 @@ fn plain_dit_with_fresh_routers_is_still_the_dit() {
     let (x, y) = inputs(&c, 2, 0);
     for tt in [0.0f32, 400.0, 999.0] {
         let widths = dy.widths_at(tt, 0.0).unwrap();
-        assert!(widths.iter().all(|w| w.heads.is_full() && w.groups.is_full()));
+        assert!(widths
+            .iter()
+            .all(|w| w.heads.is_full() && w.groups.is_full()));
         let mut cache = SliceCache::new(1 << 20);
-        let (out, sel) = dy.forward_dynamic(&x, tt, &y, &widths, &mut cache, Some(0.0)).unwrap();
-        assert!(sel.iter().all(|s| s.as_ref().unwrap().len() == 2 * c.num_tokens()));
+        let (out, sel) = dy
+            .forward_dynamic(&x, tt, &y, &widths, &mut cache, Some(0.0))
+            .unwrap();
+        assert!(sel
+            .iter()
+            .all(|s| s.as_ref().unwrap().len() == 2 * c.num_tokens()));
         let want = dit.forward(&x, &[tt, tt], &y).unwrap();
         assert_eq!(max_rel_err(&out, &want).unwrap(), 0.0);
     }
@@ -215,14 +272,25 @@ fn plain_dit_with_fresh_routers_is_still_the_dit() {
 #[test]
 fn router_shapes_matching_neither_format_are_named() {
     let c = cfg(2, 4);
-    let spec = DynamicSpec { format: RouterFormat::New, token_hidden: 4 };
+    let spec = DynamicSpec {
+        format: RouterFormat::New,
+        token_hidden: 4,
+    };
     let mut t = init_tensors(&c, Some(spec), Init::Random, 0).unwrap();
-    t.insert("blocks.0.attn_rate.router.weight".into(), Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap());
-    let e = build(&c, &t, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    t.insert(
+        "blocks.0.attn_rate.router.weight".into(),
+        Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = build(&c, &t, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("blocks.0.attn_rate.router.weight"), "{e}");
     // A depth that does not match: every missing block key is named.
     let mut t = init_tensors(&c, Some(spec), Init::Random, 0).unwrap();
     t.retain(|k, _| !k.starts_with("blocks.1."));
     let e = format!("{:#}", build(&c, &t, DType::F32, &Device::Cpu).unwrap_err());
-    assert!(e.contains("blocks.1.attn.qkv.weight") && e.contains("blocks.1.mlp_rate.router.weight"), "{e}");
+    assert!(
+        e.contains("blocks.1.attn.qkv.weight") && e.contains("blocks.1.mlp_rate.router.weight"),
+        "{e}"
+    );
 }

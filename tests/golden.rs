@@ -31,10 +31,23 @@ fn check(kinds: &[&str]) {
     let mut failed = Vec::new();
     for f in &files {
         let o = dydit::golden::run_file(f);
-        let worst = o.worst().map(|c| format!("{} err={:.2e} tol={:?}", c.name, c.err, c.tol));
-        println!("{} {} {:?} {:?}", if o.passed() { "PASS" } else { "FAIL" }, o.file, worst, o.error);
+        let worst = o
+            .worst()
+            .map(|c| format!("{} err={:.2e} tol={:?}", c.name, c.err, c.tol));
+        println!(
+            "{} {} {:?} {:?}",
+            if o.passed() { "PASS" } else { "FAIL" },
+            o.file,
+            worst,
+            o.error
+        );
         if !o.passed() {
-            failed.push(format!("{}: {:?} {:?}", o.file, o.error, o.checks.iter().filter(|c| !c.passed()).collect::<Vec<_>>()));
+            failed.push(format!(
+                "{}: {:?} {:?}",
+                o.file,
+                o.error,
+                o.checks.iter().filter(|c| !c.passed()).collect::<Vec<_>>()
+            ));
         }
     }
     assert!(failed.is_empty(), "golden failures:\n{}", failed.join("\n"));
@@ -73,14 +86,26 @@ fn vae_decode() {
 #[test]
 fn every_kind_in_the_folder_is_known() {
     // A new golden kind must be implemented or consciously listed as later work.
-    let later = ["sit_sample", "sit_training_loss", "latte_forward", "dyflux_forward", "fid_inception", "frechet_distance", "dydit_flops_loss"];
-    for f in std::fs::read_dir(golden_dir()).unwrap().filter_map(|e| e.ok().map(|e| e.path())) {
+    let later = [
+        "sit_sample",
+        "sit_training_loss",
+        "latte_forward",
+        "dyflux_forward",
+        "fid_inception",
+        "frechet_distance",
+        "dydit_flops_loss",
+    ];
+    for f in std::fs::read_dir(golden_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+    {
         if f.extension().is_none_or(|e| e != "safetensors") {
             continue;
         }
         let g = dydit::golden::GoldenFile::load(&f).unwrap();
         assert!(
-            dydit::golden::supported_kinds().contains(&g.kind.as_str()) || later.contains(&g.kind.as_str()),
+            dydit::golden::supported_kinds().contains(&g.kind.as_str())
+                || later.contains(&g.kind.as_str()),
             "{}: unknown kind {}",
             f.display(),
             g.kind

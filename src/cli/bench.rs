@@ -57,7 +57,11 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 pub fn parse_list<T: std::str::FromStr>(s: &str, flag: &str) -> anyhow::Result<Vec<T>> {
     s.split(',')
-        .map(|x| x.trim().parse::<T>().map_err(|_| anyhow::anyhow!("{flag}: cannot parse '{x}'")))
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{flag}: cannot parse '{x}'"))
+        })
         .collect()
 }
 
@@ -68,12 +72,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let dev = device(a.cpu)?;
     let dt = dtype(&a.dtype);
     let batches: Vec<usize> = parse_list(&a.batch, "--batch")?;
-    anyhow::ensure!(batches.iter().all(|&b| b > 0), "--batch sizes must be positive");
+    anyhow::ensure!(
+        batches.iter().all(|&b| b > 0),
+        "--batch sizes must be positive"
+    );
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     let threads = rayon::current_num_threads();
     if !a.json {
-        println!("machine: {} threads, dtype {}, warm-up {}, median of {}", threads, a.dtype, a.warmup, a.runs);
-        println!("{:<10} {:>5} {:>12} {:>10}", "model", "batch", "forward_ms", "peak_MiB");
+        println!(
+            "machine: {} threads, dtype {}, warm-up {}, median of {}",
+            threads, a.dtype, a.warmup, a.runs
+        );
+        println!(
+            "{:<10} {:>5} {:>12} {:>10}",
+            "model", "batch", "forward_ms", "peak_MiB"
+        );
     }
     for name in a.model.split(',').map(str::trim) {
         let cfg = DitConfig::preset(name, a.image_size)?;
@@ -102,7 +115,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                         "runs": a.runs, "threads": threads, "peak_rss_mib": peak})
                 );
             } else {
-                println!("{:<10} {:>5} {:>12.1} {:>10.0}", name, b, ms, peak.unwrap_or(f64::NAN));
+                println!(
+                    "{:<10} {:>5} {:>12.1} {:>10.0}",
+                    name,
+                    b,
+                    ms,
+                    peak.unwrap_or(f64::NAN)
+                );
             }
         }
     }
@@ -118,9 +137,18 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
     use crate::dynamic::flops::FlopsModel;
     use crate::models::dit::DynamicSpec;
     use crate::runner::{run_flops, DynamicOptions, DynamicRunner, StaticRunner};
-    anyhow::ensure!(a.target_ratio > 0.0 && a.target_ratio <= 1.0, "--target-ratio must be in (0, 1]");
-    anyhow::ensure!(a.token_fraction > 0.0 && a.token_fraction <= 1.0, "--token-fraction must be in (0, 1]");
-    anyhow::ensure!(a.timesteps > 0 && a.runs > 0, "--timesteps and --runs must be positive");
+    anyhow::ensure!(
+        a.target_ratio > 0.0 && a.target_ratio <= 1.0,
+        "--target-ratio must be in (0, 1]"
+    );
+    anyhow::ensure!(
+        a.token_fraction > 0.0 && a.token_fraction <= 1.0,
+        "--token-fraction must be in (0, 1]"
+    );
+    anyhow::ensure!(
+        a.timesteps > 0 && a.runs > 0,
+        "--timesteps and --runs must be positive"
+    );
     let dev = device(a.cpu)?;
     let dt = dtype(&a.dtype);
     let batches: Vec<usize> = parse_list(&a.batch, "--batch")?;
@@ -140,21 +168,47 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
         );
         println!(
             "{:<10} {:>5} {:>11} {:>11} {:>11} {:>8} {:>10} {:>9}",
-            "model", "batch", "static_ms", "dynamic_ms", "flops_ratio", "speedup", "efficiency", "peak_MiB"
+            "model",
+            "batch",
+            "static_ms",
+            "dynamic_ms",
+            "flops_ratio",
+            "speedup",
+            "efficiency",
+            "peak_MiB"
         );
     }
     for name in a.model.split(',').map(str::trim) {
         let cfg = DitConfig::preset(name, a.image_size)?;
-        let spec = DynamicSpec { format: crate::dynamic::router::RouterFormat::New, token_hidden: cfg.hidden_size / 16 };
-        let mut dit = build(&cfg, &init_tensors(&cfg, Some(spec), Init::Random, 0)?, dt, &dev)?;
-        crate::dynamic::synthetic::fit_routers(&mut dit, &grid, a.target_ratio, a.token_fraction, 0)?;
+        let spec = DynamicSpec {
+            format: crate::dynamic::router::RouterFormat::New,
+            token_hidden: cfg.hidden_size / 16,
+        };
+        let mut dit = build(
+            &cfg,
+            &init_tensors(&cfg, Some(spec), Init::Random, 0)?,
+            dt,
+            &dev,
+        )?;
+        crate::dynamic::synthetic::fit_routers(
+            &mut dit,
+            &grid,
+            a.target_ratio,
+            a.token_fraction,
+            0,
+        )?;
         let fm = FlopsModel::new(&cfg, Some(spec.token_hidden));
         for &b in &batches {
             let s = cfg.input_size;
-            let x = candle::Tensor::randn(0f32, 1.0, (b, cfg.in_channels, s, s), &dev)?.to_dtype(dt)?;
+            let x =
+                candle::Tensor::randn(0f32, 1.0, (b, cfg.in_channels, s, s), &dev)?.to_dtype(dt)?;
             let y: Vec<u32> = (0..b).map(|i| (i % cfg.num_classes) as u32).collect();
             let mut st = StaticRunner(&dit);
-            let opts = DynamicOptions { router_offset: a.router_offset, tokens: true, cache_bytes: a.cache_mib << 20 };
+            let opts = DynamicOptions {
+                router_offset: a.router_offset,
+                tokens: true,
+                cache_bytes: a.cache_mib << 20,
+            };
             let mut dy = DynamicRunner::new(&dit, Some(&grid), opts)?;
             let (mut ts_static, mut ts_dyn) = (Vec::new(), Vec::new());
             for round in 0..a.warmup + a.runs {
@@ -192,7 +246,14 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
             } else {
                 println!(
                     "{:<10} {:>5} {:>11.1} {:>11.1} {:>11.3} {:>7.2}x {:>10.2} {:>9.0}",
-                    name, b, sm, dm, ratio, speedup, speedup * ratio, peak.unwrap_or(f64::NAN)
+                    name,
+                    b,
+                    sm,
+                    dm,
+                    ratio,
+                    speedup,
+                    speedup * ratio,
+                    peak.unwrap_or(f64::NAN)
                 );
             }
         }

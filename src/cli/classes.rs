@@ -14,7 +14,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let names: Vec<String> = match &a.model.ckpt {
-        None => crate::labels::imagenet_names().iter().map(|s| s.to_string()).collect(),
+        None => crate::labels::imagenet_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         Some(p) => {
             let ck = crate::io::checkpoint::load(p)?;
             match ck.metadata.get(META_CLASSES) {
@@ -22,9 +25,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 None => {
                     let cfg = resolve_config(&ck, a.model.model.as_deref(), a.model.image_size)?;
                     if cfg.num_classes == 1000 {
-                        crate::labels::imagenet_names().iter().map(|s| s.to_string()).collect()
+                        crate::labels::imagenet_names()
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect()
                     } else {
-                        (0..cfg.num_classes).map(|i| format!("class {i} (no names stored)")).collect()
+                        (0..cfg.num_classes)
+                            .map(|i| format!("class {i} (no names stored)"))
+                            .collect()
                     }
                 }
             }
@@ -32,7 +40,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let filter = a.grep.as_deref().map(str::to_lowercase);
     for (i, n) in names.iter().enumerate() {
-        if filter.as_ref().is_none_or(|f| n.to_lowercase().replace('_', " ").contains(&f.replace('_', " "))) {
+        if filter.as_ref().is_none_or(|f| {
+            n.to_lowercase()
+                .replace('_', " ")
+                .contains(&f.replace('_', " "))
+        }) {
             println!("{i:>4}  {}", n.replace('_', " "));
         }
     }

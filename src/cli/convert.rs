@@ -41,7 +41,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             crate::dynamic::router::RouterFormat::New
         };
         crate::models::init::attach_routers(&cfg, &mut ck.tensors, format, a.seed)?;
-        ck.metadata.insert(META_CONFIG.into(), serde_json::to_string(&cfg)?);
+        ck.metadata
+            .insert(META_CONFIG.into(), serde_json::to_string(&cfg)?);
     }
     let mut meta: HashMap<String, String> = HashMap::new();
     meta.insert("dydit.source".into(), a.input.display().to_string());

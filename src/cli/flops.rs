@@ -44,7 +44,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let Some(ckpt) = &a.model.ckpt else {
-        let name = a.model.model.as_deref().ok_or_else(|| anyhow::anyhow!("pass --model NAME, --ckpt FILE or --all"))?;
+        let name = a
+            .model
+            .model
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("pass --model NAME, --ckpt FILE or --all"))?;
         let g = FlopsModel::new(&DitConfig::preset(name, size)?, None).static_total() / 1e9;
         print_static(name, g, a.json);
         return Ok(0);
@@ -52,9 +56,19 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
     anyhow::ensure!(a.num_samples > 0, "--num-samples must be at least 1");
     let dev = device(a.model.cpu)?;
-    let lm = load_model(ckpt, a.model.model.as_deref(), a.model.image_size, candle::DType::F32, &dev)?;
+    let lm = load_model(
+        ckpt,
+        a.model.model.as_deref(),
+        a.model.image_size,
+        candle::DType::F32,
+        &dev,
+    )?;
     let dit = &lm.dit;
-    let name = a.model.model.clone().unwrap_or_else(|| ckpt.display().to_string());
+    let name = a
+        .model
+        .model
+        .clone()
+        .unwrap_or_else(|| ckpt.display().to_string());
     let fm = FlopsModel::new(&dit.cfg, dit.dynamic.map(|d| d.token_hidden));
     if dit.dynamic.is_none() {
         print_static(&name, fm.static_total() / 1e9, a.json);
@@ -66,10 +80,22 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         cfg_scale: a.cfg_scale,
         seed: a.seed,
     };
-    let labels: Vec<u32> = (0..a.num_samples).map(|i| (i % dit.cfg.num_classes) as u32).collect();
+    let labels: Vec<u32> = (0..a.num_samples)
+        .map(|i| (i % dit.cfg.num_classes) as u32)
+        .collect();
     let pb = step_bar(a.num_steps, "measuring masks");
-    let opts = DynamicOptions { router_offset: a.router_offset, ..Default::default() };
-    let g = generate(dit, &labels, 0, &spec, Engine::Dynamic(opts), &mut |d, _| pb.set_position(d as u64))?;
+    let opts = DynamicOptions {
+        router_offset: a.router_offset,
+        ..Default::default()
+    };
+    let g = generate(
+        dit,
+        &labels,
+        0,
+        &spec,
+        Engine::Dynamic(opts),
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
     pb.finish_and_clear();
     let f = run_flops(&fm, &g.records);
     if a.json {
@@ -85,7 +111,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "router_offset": a.router_offset,
         });
         if a.per_step {
-            v["per_step"] = serde_json::json!(f.per_step.iter().map(|(t, g)| serde_json::json!({"t": t, "gflops": g})).collect::<Vec<_>>());
+            v["per_step"] = serde_json::json!(f
+                .per_step
+                .iter()
+                .map(|(t, g)| serde_json::json!({"t": t, "gflops": g}))
+                .collect::<Vec<_>>());
         }
         println!("{v}");
     } else {

@@ -28,7 +28,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         if !o.supported && a.skip_unsupported {
             if !a.json {
-                println!("SKIP {} {} (kind not implemented; supported: {})", o.file, o.kind, supported_kinds().join(", "));
+                println!(
+                    "SKIP {} {} (kind not implemented; supported: {})",
+                    o.file,
+                    o.kind,
+                    supported_kinds().join(", ")
+                );
             }
             continue;
         }

@@ -24,15 +24,35 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
     crate::io::atomic::check_writable(&a.out)?;
-    let ckpt = a.model.ckpt.clone().ok_or_else(|| anyhow::anyhow!("--ckpt is required"))?;
+    let ckpt = a
+        .model
+        .ckpt
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--ckpt is required"))?;
     let dev = device(a.model.cpu)?;
-    let lm = load_model(&ckpt, a.model.model.as_deref(), a.model.image_size, candle::DType::F32, &dev)?;
+    let lm = load_model(
+        &ckpt,
+        a.model.model.as_deref(),
+        a.model.image_size,
+        candle::DType::F32,
+        &dev,
+    )?;
     let dit = &lm.dit;
-    anyhow::ensure!(dit.dynamic.is_some(), "{} has no DyDiT routers: nothing to inspect", ckpt.display());
+    anyhow::ensure!(
+        dit.dynamic.is_some(),
+        "{} has no DyDiT routers: nothing to inspect",
+        ckpt.display()
+    );
     let sched = Schedule::new(&a.num_steps.to_string())?;
     let grid: Vec<f32> = sched.timestep_map.iter().map(|&t| t as f32).collect();
     let table = dit.mask_table(&grid, a.router_offset)?;
-    let title = format!("{} (offset {})", ckpt.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), a.router_offset);
+    let title = format!(
+        "{} (offset {})",
+        ckpt.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        a.router_offset
+    );
     crate::io::image::save_png(&crate::viz::plots::width_plot(&table, &title), &a.out)?;
     let fr = table.active_fractions();
     let mean_h = fr.iter().map(|f| f.0).sum::<f64>() / fr.len() as f64;
@@ -40,8 +60,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let per_layer: Vec<(f64, f64)> = (0..dit.num_layers())
         .map(|l| {
             let n = table.widths.len() as f64;
-            let h = table.widths.iter().map(|w| w[l].heads.count() as f64 / w[l].heads.len() as f64).sum::<f64>() / n;
-            let g = table.widths.iter().map(|w| w[l].groups.count() as f64 / w[l].groups.len() as f64).sum::<f64>() / n;
+            let h = table
+                .widths
+                .iter()
+                .map(|w| w[l].heads.count() as f64 / w[l].heads.len() as f64)
+                .sum::<f64>()
+                / n;
+            let g = table
+                .widths
+                .iter()
+                .map(|w| w[l].groups.count() as f64 / w[l].groups.len() as f64)
+                .sum::<f64>()
+                / n;
             (h, g)
         })
         .collect();
@@ -66,7 +96,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             table.distinct_patterns()
         );
         for (l, (h, g)) in per_layer.iter().enumerate() {
-            println!("  layer {l:>2}: heads {:5.1}%  groups {:5.1}%", 100.0 * h, 100.0 * g);
+            println!(
+                "  layer {l:>2}: heads {:5.1}%  groups {:5.1}%",
+                100.0 * h,
+                100.0 * g
+            );
         }
         println!("wrote {}", a.out.display());
     }

@@ -12,7 +12,11 @@ mod sample;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dydit", version, about = "DyDiT++ dynamic diffusion transformers on candle")]
+#[command(
+    name = "dydit",
+    version,
+    about = "DyDiT++ dynamic diffusion transformers on candle"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,

@@ -69,10 +69,21 @@ pub struct Args {
 
 pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
     anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
-    anyhow::ensure!(a.num_steps <= 1000, "--num-steps {} exceeds the 1000 diffusion steps", a.num_steps);
-    anyhow::ensure!(a.cfg_scale.is_finite(), "--cfg-scale must be a finite number");
-    let steps = a.respacing.clone().unwrap_or_else(|| a.num_steps.to_string());
-    crate::diffusion::schedule::space_timesteps(1000, &steps).map_err(|e| anyhow::anyhow!("--respacing: {e}"))?;
+    anyhow::ensure!(
+        a.num_steps <= 1000,
+        "--num-steps {} exceeds the 1000 diffusion steps",
+        a.num_steps
+    );
+    anyhow::ensure!(
+        a.cfg_scale.is_finite(),
+        "--cfg-scale must be a finite number"
+    );
+    let steps = a
+        .respacing
+        .clone()
+        .unwrap_or_else(|| a.num_steps.to_string());
+    crate::diffusion::schedule::space_timesteps(1000, &steps)
+        .map_err(|e| anyhow::anyhow!("--respacing: {e}"))?;
     Ok(SamplingSpec {
         steps,
         sampler: match a.sampler.as_str() {
@@ -88,15 +99,27 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // Validate everything cheap before the expensive work.
     let spec = sampling_spec(&a)?;
     crate::io::atomic::check_writable(&a.out)?;
-    let ckpt = a.model.ckpt.clone().context("--ckpt is required (a DiT/DyDiT checkpoint)")?;
+    let ckpt = a
+        .model
+        .ckpt
+        .clone()
+        .context("--ckpt is required (a DiT/DyDiT checkpoint)")?;
     let dev = device(a.model.cpu)?;
     let t_load = Instant::now();
-    let lm = load_model(&ckpt, a.model.model.as_deref(), a.model.image_size, dtype(&a.model.dtype), &dev)?;
+    let lm = load_model(
+        &ckpt,
+        a.model.model.as_deref(),
+        a.model.image_size,
+        dtype(&a.model.dtype),
+        &dev,
+    )?;
     let dit = &lm.dit;
     let latent = dit.cfg.in_channels == 4;
     let vae = match (&a.vae, latent) {
         (Some(p), true) => Some(crate::vae::Vae::load(p, &dev)?),
-        (None, true) => anyhow::bail!("this model works in the SD-VAE latent space: pass --vae FILE (diffusers safetensors)"),
+        (None, true) => anyhow::bail!(
+            "this model works in the SD-VAE latent space: pass --vae FILE (diffusers safetensors)"
+        ),
         (_, false) => None,
     };
     let classes = match &a.classes {
@@ -125,10 +148,16 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let mut token_counts: Vec<Vec<f32>> = Vec::new();
     let mut done_before = 0;
     for (ci, chunk) in classes.chunks(bs).enumerate() {
-        let g = generate(dit, chunk, (ci * bs) as u64, &spec, engine, &mut |d, _| pb.set_position((done_before + d) as u64))?;
+        let g = generate(dit, chunk, (ci * bs) as u64, &spec, engine, &mut |d, _| {
+            pb.set_position((done_before + d) as u64)
+        })?;
         done_before += g.model_calls;
         latents.push(g.latents);
-        token_counts.extend(token_layer_counts(&g.records, chunk.len(), dit.cfg.num_tokens()));
+        token_counts.extend(token_layer_counts(
+            &g.records,
+            chunk.len(),
+            dit.cfg.num_tokens(),
+        ));
         records.extend(g.records);
     }
     pb.finish_and_clear();
@@ -143,13 +172,24 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let imgs = to_images(&pixels)?;
     save_png(&grid(&imgs, a.nrow), &a.out)?;
     if let Some(dir) = &a.token_maps {
-        anyhow::ensure!(dynamic, "--token-maps needs a DyDiT checkpoint run dynamically (no --static)");
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create --token-maps dir {}", dir.display()))?;
+        anyhow::ensure!(
+            dynamic,
+            "--token-maps needs a DyDiT checkpoint run dynamically (no --static)"
+        );
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --token-maps dir {}", dir.display()))?;
         let g = dit.cfg.grid();
         for (i, (img, counts)) in imgs.iter().zip(&token_counts).enumerate() {
             let map = crate::viz::plots::token_map(img, counts, g, dit.cfg.depth as f32);
-            let name = lm.class_names.get(classes[i] as usize).cloned().unwrap_or_else(|| classes[i].to_string());
-            save_png(&map, &dir.join(format!("sample_{i:03}_{}.png", sanitize(&name))))?;
+            let name = lm
+                .class_names
+                .get(classes[i] as usize)
+                .cloned()
+                .unwrap_or_else(|| classes[i].to_string());
+            save_png(
+                &map,
+                &dir.join(format!("sample_{i:03}_{}.png", sanitize(&name))),
+            )?;
         }
     }
 
@@ -196,7 +236,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             a.cfg_scale,
             sample_s,
             sample_s / total_steps as f64,
-            if vae.is_some() { format!(", VAE decode {decode_s:.2} s") } else { String::new() },
+            if vae.is_some() {
+                format!(", VAE decode {decode_s:.2} s")
+            } else {
+                String::new()
+            },
             a.out.display()
         );
     }
@@ -209,7 +253,11 @@ fn spec_steps(spec: &SamplingSpec) -> anyhow::Result<usize> {
 
 /// Per sample of a chunk: for every token, the number of layers whose MLP processed it,
 /// averaged over the recorded calls (the conditional half of a CFG batch is rows 0..n).
-fn token_layer_counts(records: &[crate::runner::CallRecord], n: usize, tokens: usize) -> Vec<Vec<f32>> {
+fn token_layer_counts(
+    records: &[crate::runner::CallRecord],
+    n: usize,
+    tokens: usize,
+) -> Vec<Vec<f32>> {
     let mut counts = vec![vec![0f32; tokens]; n];
     for r in records {
         for sel in &r.tokens {
@@ -222,15 +270,21 @@ fn token_layer_counts(records: &[crate::runner::CallRecord], n: usize, tokens: u
                         }
                     }
                 }
-                None => counts.iter_mut().for_each(|c| c.iter_mut().for_each(|v| *v += 1.0)),
+                None => counts
+                    .iter_mut()
+                    .for_each(|c| c.iter_mut().for_each(|v| *v += 1.0)),
             }
         }
     }
     let k = records.len().max(1) as f32;
-    counts.iter_mut().for_each(|c| c.iter_mut().for_each(|v| *v /= k));
+    counts
+        .iter_mut()
+        .for_each(|c| c.iter_mut().for_each(|v| *v /= k));
     counts
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }

@@ -39,7 +39,11 @@ pub fn p_mean_variance(
             ((&frac * max_log)? + ((1.0 - &frac)? * min_log)?)?
         }
         VarianceKind::FixedLarge => {
-            let v = if i == 0 && s.num_steps() > 1 { s.posterior_variance[1] } else { s.betas[i] };
+            let v = if i == 0 && s.num_steps() > 1 {
+                s.posterior_variance[1]
+            } else {
+                s.betas[i]
+            };
             (x.zeros_like()? + v.ln() as f32 as f64)?
         }
     };
@@ -55,7 +59,8 @@ pub fn p_mean_variance(
 
 /// Mean of q(x_{t−1} | x_t, x0).
 pub fn q_posterior_mean(s: &Schedule, x0: &Tensor, xt: &Tensor, i: usize) -> Result<Tensor> {
-    (x0 * s.posterior_mean_coef1[i] as f32 as f64)? + (xt * s.posterior_mean_coef2[i] as f32 as f64)?
+    (x0 * s.posterior_mean_coef1[i] as f32 as f64)?
+        + (xt * s.posterior_mean_coef2[i] as f32 as f64)?
 }
 
 /// DDPM ancestral step: mean + [i ≠ 0]·exp(½ log σ²)·noise.
@@ -77,7 +82,8 @@ pub fn ddim_step(
 ) -> Result<Tensor> {
     let sr = s.sqrt_recip_alphas_cumprod[i] as f32 as f64;
     let srm1 = s.sqrt_recipm1_alphas_cumprod[i] as f32 as f64;
-    let eps = ((x * sr)? - &p.pred_xstart)?.broadcast_div(&Tensor::new(srm1 as f32, x.device())?)?;
+    let eps =
+        ((x * sr)? - &p.pred_xstart)?.broadcast_div(&Tensor::new(srm1 as f32, x.device())?)?;
     // Upstream computes these on f32 tensors.
     let ab = s.alphas_cumprod[i] as f32;
     let abp = s.alphas_cumprod_prev[i] as f32;

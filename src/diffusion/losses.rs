@@ -27,7 +27,8 @@ pub fn mean_flat(x: &Tensor) -> Result<Tensor> {
 
 /// KL(N(m1, e^lv1) ‖ N(m2, e^lv2)), elementwise.
 pub fn normal_kl(m1: &Tensor, lv1: &Tensor, m2: &Tensor, lv2: &Tensor) -> Result<Tensor> {
-    let t = ((((lv2 - lv1)? - 1.0)? + (lv1 - lv2)?.exp()?)? + ((m1 - m2)?.sqr()? * lv2.neg()?.exp()?)?)?;
+    let t = ((((lv2 - lv1)? - 1.0)? + (lv1 - lv2)?.exp()?)?
+        + ((m1 - m2)?.sqr()? * lv2.neg()?.exp()?)?)?;
     t * 0.5
 }
 
@@ -38,7 +39,11 @@ fn approx_std_normal_cdf(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Log-likelihood of 8-bit data x ∈ [−1, 1] under a discretised Gaussian (bins ±1/255).
-pub fn discretized_gaussian_log_likelihood(x: &Tensor, means: &Tensor, log_scales: &Tensor) -> Result<Tensor> {
+pub fn discretized_gaussian_log_likelihood(
+    x: &Tensor,
+    means: &Tensor,
+    log_scales: &Tensor,
+) -> Result<Tensor> {
     let centered = (x - means)?;
     let inv_stdv = log_scales.neg()?.exp()?;
     let cdf_plus = approx_std_normal_cdf(&((&centered + 1.0 / 255.0)? * &inv_stdv)?)?;
@@ -48,7 +53,10 @@ pub fn discretized_gaussian_log_likelihood(x: &Tensor, means: &Tensor, log_scale
     let log_delta = (&cdf_plus - &cdf_min)?.clamp(1e-12, f64::INFINITY)?.log()?;
     let lo = x.lt(-0.999)?;
     let hi = x.gt(0.999)?;
-    lo.where_cond(&log_cdf_plus, &hi.where_cond(&log_one_minus_cdf_min, &log_delta)?)
+    lo.where_cond(
+        &log_cdf_plus,
+        &hi.where_cond(&log_one_minus_cdf_min, &log_delta)?,
+    )
 }
 
 /// Loss terms of `GaussianDiffusion.training_losses` (MSE loss type, learned range variance).
@@ -75,10 +83,20 @@ pub fn training_losses(
     let mut vb_rows = Vec::with_capacity(t.len());
     for (b, &ti) in t.iter().enumerate() {
         let slice = |z: &Tensor| z.narrow(0, b, 1);
-        let p = p_mean_variance(s, VarianceKind::LearnedRange, &slice(&frozen)?, &slice(x_t)?, ti)?;
+        let p = p_mean_variance(
+            s,
+            VarianceKind::LearnedRange,
+            &slice(&frozen)?,
+            &slice(x_t)?,
+            ti,
+        )?;
         let true_mean = q_posterior_mean(s, &slice(x0)?, &slice(x_t)?, ti)?;
         let row = if ti == 0 {
-            let nll = discretized_gaussian_log_likelihood(&slice(x0)?, &p.mean, &(&p.log_variance * 0.5)?)?;
+            let nll = discretized_gaussian_log_likelihood(
+                &slice(x0)?,
+                &p.mean,
+                &(&p.log_variance * 0.5)?,
+            )?;
             (mean_flat(&nll.neg()?)? / std::f64::consts::LN_2)?
         } else {
             let tlv = (p.mean.zeros_like()? + s.posterior_log_variance_clipped[ti] as f32 as f64)?;

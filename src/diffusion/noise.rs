@@ -25,7 +25,9 @@ impl SeededNoise {
 impl NoiseSource for SeededNoise {
     fn normal(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect();
         Tensor::from_vec(v, shape, device)
     }
 }
@@ -50,7 +52,11 @@ impl NoiseSource for InjectedNoise {
             .pop_front()
             .ok_or_else(|| candle::Error::Msg("injected noise exhausted".into()))?;
         if t.dims() != shape {
-            candle::bail!("injected noise has shape {:?}, sampler wants {:?}", t.dims(), shape);
+            candle::bail!(
+                "injected noise has shape {:?}, sampler wants {:?}",
+                t.dims(),
+                shape
+            );
         }
         Ok(t)
     }

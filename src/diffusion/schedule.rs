@@ -40,7 +40,9 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> anyhow::Result<Vec<u
                 return Ok((0..num_timesteps).step_by(stride).collect());
             }
         }
-        anyhow::bail!("cannot create exactly {want} steps with an integer stride from {num_timesteps}");
+        anyhow::bail!(
+            "cannot create exactly {want} steps with an integer stride from {num_timesteps}"
+        );
     }
     let counts: Vec<usize> = spec
         .split(',')
@@ -57,8 +59,15 @@ pub fn space_timesteps(num_timesteps: usize, spec: &str) -> anyhow::Result<Vec<u
     let mut all = Vec::new();
     for (i, &count) in counts.iter().enumerate() {
         let size = size_per + usize::from(i < extra);
-        anyhow::ensure!(size >= count, "cannot divide a section of {size} steps into {count}");
-        let frac = if count <= 1 { 1.0 } else { (size - 1) as f64 / (count - 1) as f64 };
+        anyhow::ensure!(
+            size >= count,
+            "cannot divide a section of {size} steps into {count}"
+        );
+        let frac = if count <= 1 {
+            1.0
+        } else {
+            (size - 1) as f64 / (count - 1) as f64
+        };
         let mut cur = 0.0f64;
         for _ in 0..count {
             all.push(start + round_half_even(cur) as usize);
@@ -123,12 +132,20 @@ impl Schedule {
             acc *= 1.0 - b;
             ac.push(acc);
         }
-        let prev: Vec<f64> = std::iter::once(1.0).chain(ac[..n - 1].iter().copied()).collect();
+        let prev: Vec<f64> = std::iter::once(1.0)
+            .chain(ac[..n - 1].iter().copied())
+            .collect();
         let pv: Vec<f64> = (0..n)
             .map(|i| betas[i] * (1.0 - prev[i]) / (1.0 - ac[i]))
             .collect();
         let pv_clipped: Vec<f64> = (0..n)
-            .map(|i| if i == 0 && n > 1 { pv[1].ln() } else { pv[i].ln() })
+            .map(|i| {
+                if i == 0 && n > 1 {
+                    pv[1].ln()
+                } else {
+                    pv[i].ln()
+                }
+            })
             .collect();
         Self {
             sqrt_alphas_cumprod: ac.iter().map(|a| a.sqrt()).collect(),
@@ -162,7 +179,10 @@ mod tests {
 
     #[test]
     fn respacing_matches_upstream() {
-        assert_eq!(space_timesteps(1000, "7").unwrap(), vec![0, 166, 333, 500, 666, 832, 999]);
+        assert_eq!(
+            space_timesteps(1000, "7").unwrap(),
+            vec![0, 166, 333, 500, 666, 832, 999]
+        );
         let s = space_timesteps(1000, "ddim8").unwrap();
         assert_eq!(s, vec![0, 125, 250, 375, 500, 625, 750, 875]);
         let s250 = space_timesteps(1000, "250").unwrap();

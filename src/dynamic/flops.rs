@@ -101,10 +101,18 @@ mod tests {
     /// The DiT paper's table (256×256): S/2 6.06, B/2 23.01, L/2 80.71, XL/2 118.64 GFLOPs.
     #[test]
     fn reproduces_dit_paper_table() {
-        for (name, paper) in [("DiT-S/2", 6.06), ("DiT-B/2", 23.01), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64)] {
+        for (name, paper) in [
+            ("DiT-S/2", 6.06),
+            ("DiT-B/2", 23.01),
+            ("DiT-L/2", 80.71),
+            ("DiT-XL/2", 118.64),
+        ] {
             let cfg = DitConfig::preset(name, 256).unwrap();
             let g = FlopsModel::new(&cfg, None).static_total() / 1e9;
-            assert!((g / paper - 1.0).abs() < 0.005, "{name}: {g} vs paper {paper}");
+            assert!(
+                (g / paper - 1.0).abs() < 0.005,
+                "{name}: {g} vs paper {paper}"
+            );
         }
     }
 

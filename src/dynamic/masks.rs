@@ -12,8 +12,15 @@ pub struct UnitMask {
 impl UnitMask {
     pub fn full(len: usize) -> Self {
         assert!(len <= 64, "at most 64 heads/groups per layer");
-        let bits = if len == 64 { u64::MAX } else { (1u64 << len) - 1 };
-        Self { bits, len: len as u8 }
+        let bits = if len == 64 {
+            u64::MAX
+        } else {
+            (1u64 << len) - 1
+        };
+        Self {
+            bits,
+            len: len as u8,
+        }
     }
     pub fn from_bools(v: &[bool]) -> Self {
         assert!(v.len() <= 64, "at most 64 heads/groups per layer");
@@ -21,7 +28,10 @@ impl UnitMask {
             .iter()
             .enumerate()
             .fold(0u64, |acc, (i, &on)| acc | ((on as u64) << i));
-        Self { bits, len: v.len() as u8 }
+        Self {
+            bits,
+            len: v.len() as u8,
+        }
     }
     pub fn len(&self) -> usize {
         self.len as usize

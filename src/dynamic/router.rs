@@ -81,7 +81,10 @@ impl TokenRouter {
 
     /// Indices of the rows of `x [M, C]` whose token is routed through the MLP.
     pub fn select(&self, x: &Tensor, offset: f32) -> Result<Vec<u32>> {
-        let l = self.logits(x)?.to_dtype(candle::DType::F32)?.to_vec1::<f32>()?;
+        let l = self
+            .logits(x)?
+            .to_dtype(candle::DType::F32)?
+            .to_vec1::<f32>()?;
         Ok(l.iter()
             .enumerate()
             .filter(|(_, &v)| gate_on(v + offset))

@@ -60,7 +60,10 @@ impl AttnWeights {
         let cols = Tensor::from_vec(cols.clone(), cols.len(), dev)?;
         let qkv_s = Linear::new(
             qkv.weight.index_select(&rows, 0)?,
-            qkv.bias.as_ref().map(|b| b.index_select(&rows, 0)).transpose()?,
+            qkv.bias
+                .as_ref()
+                .map(|b| b.index_select(&rows, 0))
+                .transpose()?,
         );
         Ok(Self {
             qkv: qkv_s,
@@ -101,7 +104,10 @@ impl MlpWeights {
         Ok(Self {
             fc1: Linear::new(
                 fc1.weight.index_select(&idx_t, 0)?,
-                fc1.bias.as_ref().map(|b| b.index_select(&idx_t, 0)).transpose()?,
+                fc1.bias
+                    .as_ref()
+                    .map(|b| b.index_select(&idx_t, 0))
+                    .transpose()?,
             ),
             fc2_w: fc2.weight.index_select(&idx_t, 1)?,
             fc2_b: fc2.bias.clone(),

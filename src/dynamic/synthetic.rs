@@ -21,7 +21,13 @@ use candle::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 /// Target layer widths of the recipe for the grid `ts`.
-pub fn recipe_widths(depth: usize, heads: usize, ts: &[f32], w: f64, seed: u64) -> Vec<Vec<LayerWidth>> {
+pub fn recipe_widths(
+    depth: usize,
+    heads: usize,
+    ts: &[f32],
+    w: f64,
+    seed: u64,
+) -> Vec<Vec<LayerWidth>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let delta: Vec<f64> = (0..depth).map(|_| rng.random_range(-0.1..0.1)).collect();
     ts.iter()
@@ -45,7 +51,12 @@ pub fn recipe_widths(depth: usize, heads: usize, ts: &[f32], w: f64, seed: u64) 
 /// Analytic FLOPs ratio of the recipe with token fraction `p_tok`.
 fn recipe_ratio(fm: &FlopsModel, widths: &[Vec<LayerWidth>], p_tok: f64) -> f64 {
     let toks = vec![p_tok * fm.tokens as f64; fm.depth];
-    widths.iter().map(|w| fm.dynamic_total(w, &toks)).sum::<f64>() / widths.len() as f64 / fm.static_total()
+    widths
+        .iter()
+        .map(|w| fm.dynamic_total(w, &toks))
+        .sum::<f64>()
+        / widths.len() as f64
+        / fm.static_total()
 }
 
 /// Solves `W [rows, C]` with `T W^T = L` (min-norm) for embeddings `T [S, C]` and targets
@@ -90,7 +101,9 @@ fn solve_router(t_emb: &[Vec<f64>], targets: &[Vec<f64>]) -> Vec<Vec<f64>> {
                 let sum: f64 = (i + 1..s).map(|k| r[k][i] * z[k]).sum();
                 z[i] = (z[i] - sum) / r[i][i];
             }
-            (0..c).map(|d| (0..s).map(|i| z[i] * t_emb[i][d]).sum()).collect()
+            (0..c)
+                .map(|d| (0..s).map(|i| z[i] * t_emb[i][d]).sum())
+                .collect()
         })
         .collect()
 }
@@ -108,8 +121,16 @@ fn to_linear(w: &[Vec<f64>], like: &Linear) -> candle::Result<Linear> {
 
 /// Rewrites `dit`'s routers (a DyDiT of the current format) so that sampling on grid `ts`
 /// reaches `target` FLOPs ratio with token fraction `p_tok`. Returns the analytic ratio.
-pub fn fit_routers(dit: &mut Dit, ts: &[f32], target: f64, p_tok: f64, seed: u64) -> anyhow::Result<f64> {
-    let spec = dit.dynamic.ok_or_else(|| anyhow::anyhow!("model has no routers"))?;
+pub fn fit_routers(
+    dit: &mut Dit,
+    ts: &[f32],
+    target: f64,
+    p_tok: f64,
+    seed: u64,
+) -> anyhow::Result<f64> {
+    let spec = dit
+        .dynamic
+        .ok_or_else(|| anyhow::anyhow!("model has no routers"))?;
     anyhow::ensure!(
         spec.format == crate::dynamic::router::RouterFormat::New,
         "synthetic routers use the current format"
@@ -129,31 +150,46 @@ pub fn fit_routers(dit: &mut Dit, ts: &[f32], target: f64, p_tok: f64, seed: u64
     let ratio = recipe_ratio(&fm, &widths, p_tok);
 
     // TDW routers reproducing the widths on the grid.
-    let t_emb = dit.t_embed.forward(ts, &dit.device)?.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let t_emb = dit
+        .t_embed
+        .forward(ts, &dit.device)?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
     for l in 0..depth {
         for part in 0..2 {
             let targets: Vec<Vec<f64>> = widths
                 .iter()
                 .map(|w| {
                     let m = if part == 0 { w[l].heads } else { w[l].groups };
-                    (1..heads).map(|j| if m.get(j) { 1.0 } else { -1.0 }).collect()
+                    (1..heads)
+                        .map(|j| if m.get(j) { 1.0 } else { -1.0 })
+                        .collect()
                 })
                 .collect();
             let w = solve_router(&t_emb, &targets);
-            let r = dit.blocks[l].routers.as_mut().expect("dynamic blocks have routers");
+            let r = dit.blocks[l]
+                .routers
+                .as_mut()
+                .expect("dynamic blocks have routers");
             let router = if part == 0 { &mut r.attn } else { &mut r.mlp };
             router.linear = to_linear(&w, &router.linear)?;
         }
     }
     for (i, &t) in ts.iter().enumerate() {
-        anyhow::ensure!(dit.widths_at(t, 0.0)? == widths[i], "router fit does not reproduce the widths at t={t}");
+        anyhow::ensure!(
+            dit.widths_at(t, 0.0)? == widths[i],
+            "router fit does not reproduce the widths at t={t}"
+        );
     }
 
     // Token routers: calibrate the last bias per layer to route a fraction p_tok.
     let b = 4;
     let s = dit.cfg.input_size;
-    let x = Tensor::randn(0f32, 1.0, (b, dit.cfg.in_channels, s, s), &Device::Cpu)?.to_device(&dit.device)?;
-    let y: Vec<u32> = (0..b as u32).map(|i| i % dit.cfg.num_classes as u32).collect();
+    let x = Tensor::randn(0f32, 1.0, (b, dit.cfg.in_channels, s, s), &Device::Cpu)?
+        .to_device(&dit.device)?;
+    let y: Vec<u32> = (0..b as u32)
+        .map(|i| i % dit.cfg.num_classes as u32)
+        .collect();
     let t = ts[ts.len() / 2];
     for _round in 0..3 {
         {
@@ -167,7 +203,10 @@ pub fn fit_routers(dit: &mut Dit, ts: &[f32], target: f64, p_tok: f64, seed: u64
             let ts_b = vec![t; b];
             dit.forward_masked(&x, &ts_b, &y, &mut Gate::Custom(&mut rec), false)?;
             // Width-router logits come in pairs before each token call: keep the token ones.
-            let tok: Vec<&Vec<f32>> = logits.iter().filter(|v| v.len() == b * dit.cfg.num_tokens()).collect();
+            let tok: Vec<&Vec<f32>> = logits
+                .iter()
+                .filter(|v| v.len() == b * dit.cfg.num_tokens())
+                .collect();
             for (l, v) in tok.iter().enumerate().take(depth) {
                 let mut sorted = (*v).clone();
                 sorted.sort_by(f32::total_cmp);
@@ -188,8 +227,17 @@ mod tests {
     #[test]
     fn least_squares_router_reproduces_signs() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let t: Vec<Vec<f64>> = (0..20).map(|_| (0..64).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
-        let l: Vec<Vec<f64>> = (0..20).map(|i| vec![if i % 3 == 0 { 1.0 } else { -1.0 }, if i < 10 { 1.0 } else { -1.0 }]).collect();
+        let t: Vec<Vec<f64>> = (0..20)
+            .map(|_| (0..64).map(|_| rng.random_range(-1.0..1.0)).collect())
+            .collect();
+        let l: Vec<Vec<f64>> = (0..20)
+            .map(|i| {
+                vec![
+                    if i % 3 == 0 { 1.0 } else { -1.0 },
+                    if i < 10 { 1.0 } else { -1.0 },
+                ]
+            })
+            .collect();
         let w = solve_router(&t, &l);
         for i in 0..20 {
             for q in 0..2 {

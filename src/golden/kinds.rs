@@ -28,10 +28,16 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "dydit_forward" | "dydit_forward_old" => dydit_forward(g),
         "ddpm_sample" | "ddim_sample" | "ddpm_sample_dydit" => sample(g),
         "ddpm_training_loss" => training_loss(g),
-        "vae_decode" => Ok(crate::vae::golden_check(&g.tensors, &g.config, &Device::Cpu)?
-            .into_iter()
-            .map(|(name, err)| Check { tol: g.tolerance_for(&name), name, err })
-            .collect()),
+        "vae_decode" => Ok(
+            crate::vae::golden_check(&g.tensors, &g.config, &Device::Cpu)?
+                .into_iter()
+                .map(|(name, err)| Check {
+                    tol: g.tolerance_for(&name),
+                    name,
+                    err,
+                })
+                .collect(),
+        ),
         k => anyhow::bail!("unsupported kind {k}"),
     }
 }
@@ -42,15 +48,25 @@ fn model(g: &GoldenFile) -> anyhow::Result<Dit> {
 }
 
 fn labels(t: &Tensor) -> anyhow::Result<Vec<u32>> {
-    Ok(t.to_dtype(DType::I64)?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect())
+    Ok(t.to_dtype(DType::I64)?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|v| v as u32)
+        .collect())
 }
 
 fn times(t: &Tensor) -> anyhow::Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?.into_iter().map(|v| v as f32).collect())
+    Ok(t.to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(|v| v as f32)
+        .collect())
 }
 
 fn cfg_scale(g: &GoldenFile) -> anyhow::Result<f64> {
-    g.config["cfg_scale"].as_f64().ok_or_else(|| anyhow::anyhow!("config.cfg_scale missing"))
+    g.config["cfg_scale"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("config.cfg_scale missing"))
 }
 
 fn guided(g: &GoldenFile) -> usize {
@@ -59,12 +75,20 @@ fn guided(g: &GoldenFile) -> usize {
 
 fn dit_forward(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     let m = model(g)?;
-    let out = m.forward(g.get("input.x")?, &times(g.get("input.t")?)?, &labels(g.get("input.y")?)?)?;
+    let out = m.forward(
+        g.get("input.x")?,
+        &times(g.get("input.t")?)?,
+        &labels(g.get("input.y")?)?,
+    )?;
     let xc = g.get("input.x_cfg")?;
-    let (tc, yc) = (times(g.get("input.t_cfg")?)?, labels(g.get("input.y_cfg")?)?);
+    let (tc, yc) = (
+        times(g.get("input.t_cfg")?)?,
+        labels(g.get("input.y_cfg")?)?,
+    );
     let raw = m.forward(xc, &tc, &yc)?;
     let mixed_in = crate::diffusion::cfg::cfg_input(xc)?;
-    let cfg = crate::diffusion::cfg::cfg_mix(&m.forward(&mixed_in, &tc, &yc)?, cfg_scale(g)?, guided(g))?;
+    let cfg =
+        crate::diffusion::cfg::cfg_mix(&m.forward(&mixed_in, &tc, &yc)?, cfg_scale(g)?, guided(g))?;
     Ok(vec![
         compare(g, "expect.out", &out)?,
         compare(g, "expect.out_cfg_raw", &raw)?,
@@ -91,7 +115,10 @@ fn token_mask(sel: &[Option<Vec<u32>>], b: usize, n: usize) -> anyhow::Result<Te
 }
 
 /// Layer widths → `[B, L, H]` head and group masks (identical for every sample).
-fn width_masks(w: &[crate::dynamic::masks::LayerWidth], b: usize) -> anyhow::Result<(Tensor, Tensor)> {
+fn width_masks(
+    w: &[crate::dynamic::masks::LayerWidth],
+    b: usize,
+) -> anyhow::Result<(Tensor, Tensor)> {
     let h = w.first().map(|x| x.heads.len()).unwrap_or(0);
     let mut a = Vec::new();
     let mut m = Vec::new();
@@ -113,7 +140,10 @@ fn dydit_forward(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     let x = g.get("input.x")?;
     let t = times(g.get("input.t")?)?;
     let y = labels(g.get("input.y")?)?;
-    anyhow::ensure!(t.windows(2).all(|w| w[0] == w[1]), "dydit_forward files share one timestep");
+    anyhow::ensure!(
+        t.windows(2).all(|w| w[0] == w[1]),
+        "dydit_forward files share one timestep"
+    );
     let b = x.dim(0)?;
     let n = m.cfg.num_tokens();
     // The path that skips work: sliced weights + ragged token routing.
@@ -150,10 +180,16 @@ fn sample(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     let spec = d["timestep_respacing"].as_str().unwrap_or("");
     let sched = Schedule::new(spec)?;
     let kind = match g.config["sampler"].as_str() {
-        Some("ddim_sample_loop") => SamplerKind::Ddim { eta: g.config["eta"].as_f64().unwrap_or(0.0) },
+        Some("ddim_sample_loop") => SamplerKind::Ddim {
+            eta: g.config["eta"].as_f64().unwrap_or(0.0),
+        },
         _ => SamplerKind::Ddpm,
     };
-    let var = if m.cfg.learn_sigma { VarianceKind::LearnedRange } else { VarianceKind::FixedLarge };
+    let var = if m.cfg.learn_sigma {
+        VarianceKind::LearnedRange
+    } else {
+        VarianceKind::FixedLarge
+    };
     let mut noise = g.noise();
     anyhow::ensure!(!noise.is_empty(), "no noise.0 tensor");
     let z = noise.remove(0);
@@ -185,7 +221,15 @@ fn sample(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
             raw.extend(r.raw.cloned());
             Ok(())
         };
-        Ok(sample_loop(&sched, kind, var, &mut den, x0.clone(), &mut noise_src, &mut on_step)?)
+        Ok(sample_loop(
+            &sched,
+            kind,
+            var,
+            &mut den,
+            x0.clone(),
+            &mut noise_src,
+            &mut on_step,
+        )?)
     };
 
     let mut extra = Vec::new();
@@ -210,7 +254,11 @@ fn sample(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         run(&mut StaticRunner(&m))?
     };
     let mut checks = vec![
-        compare(g, "expect.timesteps", &Tensor::new(ts.as_slice(), &Device::Cpu)?)?,
+        compare(
+            g,
+            "expect.timesteps",
+            &Tensor::new(ts.as_slice(), &Device::Cpu)?,
+        )?,
         compare(g, "expect.sample", &x.narrow(0, 0, n_img)?)?,
         compare(g, "expect.sample_full", &x)?,
         compare(g, "expect.trajectory", &Tensor::stack(&traj, 0)?)?,
@@ -219,17 +267,31 @@ fn sample(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         compare(g, "expect.model_out_raw", &Tensor::stack(&raw, 0)?)?,
     ];
     let ac: Vec<f32> = sched.alphas_cumprod.iter().map(|&v| v as f32).collect();
-    checks.push(compare(g, "expect.alphas_cumprod", &Tensor::new(ac.as_slice(), &Device::Cpu)?)?);
+    checks.push(compare(
+        g,
+        "expect.alphas_cumprod",
+        &Tensor::new(ac.as_slice(), &Device::Cpu)?,
+    )?);
     checks.extend(extra);
     Ok(checks)
 }
 
 fn training_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     let m = model(g)?;
-    let sched = Schedule::new(g.config["diffusion"]["timestep_respacing"].as_str().unwrap_or(""))?;
+    let sched = Schedule::new(
+        g.config["diffusion"]["timestep_respacing"]
+            .as_str()
+            .unwrap_or(""),
+    )?;
     let x0 = g.get("input.x_start")?;
     let noise = g.get("input.noise")?;
-    let t: Vec<usize> = g.get("input.t")?.to_dtype(DType::I64)?.to_vec1::<i64>()?.iter().map(|&v| v as usize).collect();
+    let t: Vec<usize> = g
+        .get("input.t")?
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
     let y = labels(g.get("input.y")?)?;
     let x_t = losses::q_sample(&sched, x0, &t, noise)?;
     let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();

@@ -20,7 +20,8 @@ pub struct GoldenFile {
 
 impl GoldenFile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a safetensors file: {e}", path.display()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
@@ -30,7 +31,8 @@ impl GoldenFile {
             .ok_or_else(|| anyhow::anyhow!("{}: metadata has no 'kind'", path.display()))?;
         let parse = |k: &str| -> anyhow::Result<serde_json::Value> {
             match meta.get(k) {
-                Some(s) => serde_json::from_str(s).with_context(|| format!("{}: metadata '{k}' is not JSON", path.display())),
+                Some(s) => serde_json::from_str(s)
+                    .with_context(|| format!("{}: metadata '{k}' is not JSON", path.display())),
                 None => Ok(serde_json::Value::Null),
             }
         };
@@ -139,7 +141,13 @@ impl Outcome {
     pub fn worst(&self) -> Option<&Check> {
         self.checks.iter().max_by(|a, b| {
             let score = |c: &Check| match c.tol {
-                None => if c.err == 0.0 { 0.0 } else { f64::INFINITY },
+                None => {
+                    if c.err == 0.0 {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    }
+                }
                 Some(t) => c.err / t,
             };
             score(a).total_cmp(&score(b))
@@ -158,16 +166,40 @@ pub fn run_file(path: &Path) -> Outcome {
     let g = match GoldenFile::load(path) {
         Ok(g) => g,
         Err(e) => {
-            return Outcome { file, kind: "?".into(), checks: vec![], error: Some(format!("{e:#}")), supported: true }
+            return Outcome {
+                file,
+                kind: "?".into(),
+                checks: vec![],
+                error: Some(format!("{e:#}")),
+                supported: true,
+            }
         }
     };
     let kind = g.kind.clone();
     if !kinds::SUPPORTED.contains(&kind.as_str()) {
-        return Outcome { file, kind, checks: vec![], error: Some("kind not supported by this build".into()), supported: false };
+        return Outcome {
+            file,
+            kind,
+            checks: vec![],
+            error: Some("kind not supported by this build".into()),
+            supported: false,
+        };
     }
     match kinds::run(&g) {
-        Ok(checks) => Outcome { file, kind, checks, error: None, supported: true },
-        Err(e) => Outcome { file, kind, checks: vec![], error: Some(format!("{e:#}")), supported: true },
+        Ok(checks) => Outcome {
+            file,
+            kind,
+            checks,
+            error: None,
+            supported: true,
+        },
+        Err(e) => Outcome {
+            file,
+            kind,
+            checks: vec![],
+            error: Some(format!("{e:#}")),
+            supported: true,
+        },
     }
 }
 
@@ -189,7 +221,11 @@ pub fn compare(g: &GoldenFile, name: &str, got: &Tensor) -> anyhow::Result<Check
     } else {
         crate::nn::ops::max_rel_err(got, expect)?
     };
-    Ok(Check { name: name.to_string(), err, tol })
+    Ok(Check {
+        name: name.to_string(),
+        err,
+        tol,
+    })
 }
 
 #[cfg(test)]
@@ -198,9 +234,18 @@ mod tests {
     #[test]
     fn patterns() {
         assert!(pattern_matches("expect.mask_*", "expect.mask_attn"));
-        assert!(pattern_matches("expect.trajectory/pred_xstart/model_out_*", "expect.pred_xstart"));
-        assert!(pattern_matches("expect.trajectory/pred_xstart/model_out_*", "expect.model_out_raw"));
-        assert!(!pattern_matches("expect.trajectory/pred_xstart/model_out_*", "expect.sample"));
+        assert!(pattern_matches(
+            "expect.trajectory/pred_xstart/model_out_*",
+            "expect.pred_xstart"
+        ));
+        assert!(pattern_matches(
+            "expect.trajectory/pred_xstart/model_out_*",
+            "expect.model_out_raw"
+        ));
+        assert!(!pattern_matches(
+            "expect.trajectory/pred_xstart/model_out_*",
+            "expect.sample"
+        ));
         assert!(pattern_matches("expect.timesteps", "expect.timesteps"));
     }
 }

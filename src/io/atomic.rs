@@ -9,11 +9,25 @@ use std::path::{Path, PathBuf};
 /// sampling run fails before it starts rather than at the end.
 pub fn check_writable(path: &Path) -> anyhow::Result<()> {
     let dir = parent_dir(path);
-    anyhow::ensure!(dir.is_dir(), "cannot write {}: directory {} does not exist", path.display(), dir.display());
-    anyhow::ensure!(!path.is_dir(), "cannot write {}: it is a directory", path.display());
+    anyhow::ensure!(
+        dir.is_dir(),
+        "cannot write {}: directory {} does not exist",
+        path.display(),
+        dir.display()
+    );
+    anyhow::ensure!(
+        !path.is_dir(),
+        "cannot write {}: it is a directory",
+        path.display()
+    );
     let probe = tmp_name(path);
-    std::fs::File::create(&probe)
-        .with_context(|| format!("cannot write {}: directory {} is not writable", path.display(), dir.display()))?;
+    std::fs::File::create(&probe).with_context(|| {
+        format!(
+            "cannot write {}: directory {} is not writable",
+            path.display(),
+            dir.display()
+        )
+    })?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -26,7 +40,10 @@ fn parent_dir(path: &Path) -> PathBuf {
 }
 
 fn tmp_name(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     parent_dir(path).join(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -46,7 +63,8 @@ pub fn write_atomic_with(
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         fill(&mut f)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename to {}", path.display()))?;
         Ok(())
     })();
     if res.is_err() {

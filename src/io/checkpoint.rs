@@ -20,7 +20,8 @@ pub struct Checkpoint {
 /// Loads `.pt`/`.pth`/`.bin` through the safe unpickler and anything else as safetensors (the
 /// format is sniffed from the content, not trusted from the extension).
 pub fn load(path: &Path) -> anyhow::Result<Checkpoint> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     if bytes.starts_with(b"PK") {
         load_pt_bytes(&bytes, path)
     } else {
@@ -33,12 +34,17 @@ fn load_pt_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Checkpoint> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut tensors = HashMap::new();
     for (name, raw) in ck.tensors {
-        let t = raw_to_tensor(&raw).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let t =
+            raw_to_tensor(&raw).with_context(|| format!("{}: tensor {name}", path.display()))?;
         if let Some(t) = t {
             tensors.insert(name, t);
         }
     }
-    anyhow::ensure!(!tensors.is_empty(), "{}: no tensors found in the checkpoint", path.display());
+    anyhow::ensure!(
+        !tensors.is_empty(),
+        "{}: no tensors found in the checkpoint",
+        path.display()
+    );
     Ok(Checkpoint {
         path: path.to_path_buf(),
         tensors,
@@ -67,13 +73,22 @@ fn raw_to_tensor(raw: &ptfile::RawTensor) -> anyhow::Result<Option<Tensor>> {
         // Integer/bool buffers that no model here reads (e.g. counters) are skipped.
         _ => return Ok(None),
     };
-    Ok(Some(Tensor::from_raw_buffer(&raw.data, dtype, &raw.shape, &Device::Cpu)?))
+    Ok(Some(Tensor::from_raw_buffer(
+        &raw.data,
+        dtype,
+        &raw.shape,
+        &Device::Cpu,
+    )?))
 }
 
 fn load_safetensors_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Checkpoint> {
     use safetensors::{Dtype, SafeTensors};
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors or .pt file: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a valid safetensors or .pt file: {e}",
+            path.display()
+        )
+    })?;
     let (_, meta) = SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("{}: bad safetensors header: {e}", path.display()))?;
     let mut tensors = HashMap::new();
@@ -108,7 +123,11 @@ fn load_safetensors_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Checkpoin
             break;
         }
     }
-    anyhow::ensure!(!tensors.is_empty(), "{}: no tensors found in the checkpoint", path.display());
+    anyhow::ensure!(
+        !tensors.is_empty(),
+        "{}: no tensors found in the checkpoint",
+        path.display()
+    );
     Ok(Checkpoint {
         path: path.to_path_buf(),
         tensors,
@@ -151,7 +170,10 @@ impl TensorView {
         let (dtype, data) = match t.dtype() {
             DType::F32 => (S::F32, bytes_of(&t.flatten_all()?.to_vec1::<f32>()?)),
             DType::F16 => (S::F16, bytes_of(&t.flatten_all()?.to_vec1::<half::f16>()?)),
-            DType::BF16 => (S::BF16, bytes_of(&t.flatten_all()?.to_vec1::<half::bf16>()?)),
+            DType::BF16 => (
+                S::BF16,
+                bytes_of(&t.flatten_all()?.to_vec1::<half::bf16>()?),
+            ),
             DType::F64 => (S::F64, bytes_of(&t.flatten_all()?.to_vec1::<f64>()?)),
             DType::I64 => (S::I64, bytes_of(&t.flatten_all()?.to_vec1::<i64>()?)),
             DType::U32 => (S::U32, bytes_of(&t.flatten_all()?.to_vec1::<u32>()?)),

@@ -11,7 +11,9 @@ pub fn to_images(x: &Tensor) -> anyhow::Result<Vec<RgbImage>> {
     let (b, c, h, w) = x.dims4()?;
     anyhow::ensure!(c == 3 || c == 1, "expected 1 or 3 channels, got {c}");
     let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let px = |f: f32| -> u8 { (((f.clamp(-1.0, 1.0) + 1.0) / 2.0) * 255.0 + 0.5).clamp(0.0, 255.0) as u8 };
+    let px = |f: f32| -> u8 {
+        (((f.clamp(-1.0, 1.0) + 1.0) / 2.0) * 255.0 + 0.5).clamp(0.0, 255.0) as u8
+    };
     Ok((0..b)
         .map(|i| {
             RgbImage::from_fn(w as u32, h as u32, |xx, yy| {
@@ -36,7 +38,12 @@ pub fn grid(images: &[RgbImage], nrow: usize) -> RgbImage {
     let mut out = RgbImage::new(cols * (w + pad) + pad, rows * (h + pad) + pad);
     for (k, img) in images.iter().enumerate() {
         let (cx, cy) = (k as u32 % cols, k as u32 / cols);
-        image::imageops::replace(&mut out, img, (pad + cx * (w + pad)) as i64, (pad + cy * (h + pad)) as i64);
+        image::imageops::replace(
+            &mut out,
+            img,
+            (pad + cx * (w + pad)) as i64,
+            (pad + cy * (h + pad)) as i64,
+        );
     }
     out
 }

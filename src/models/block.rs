@@ -84,7 +84,13 @@ impl DitBlock {
 
     /// Multi-head self-attention of `xn [B, N, C]` over `w.heads` heads; returns the concatenated
     /// head outputs `[B·N, h·Dh]` before proj. `diff` selects differentiable ops.
-    fn attention_heads(&self, xn: &Tensor, qkv: &Linear, heads: usize, diff: bool) -> Result<Tensor> {
+    fn attention_heads(
+        &self,
+        xn: &Tensor,
+        qkv: &Linear,
+        heads: usize,
+        diff: bool,
+    ) -> Result<Tensor> {
         let (b, n, _) = xn.dims3()?;
         let dh = self.head_dim();
         let qkv = qkv
@@ -96,7 +102,11 @@ impl DitBlock {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let att = q.matmul(&k.t()?)?;
-        let att = if diff { ops::softmax_diff(&att)? } else { ops::softmax(att)? };
+        let att = if diff {
+            ops::softmax_diff(&att)?
+        } else {
+            ops::softmax(att)?
+        };
         att.matmul(&v)?
             .transpose(1, 2)?
             .reshape((b * n, heads * dh))
@@ -123,13 +133,17 @@ impl DitBlock {
             let o = self.attention_heads(&xn, &attn.qkv, attn.heads, false)?;
             Linear::new(attn.proj_w.clone(), attn.proj_b.clone()).forward(&o)?
         };
-        let x = (x + a.reshape((b, n, c))?.broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
+        let x = (x + a
+            .reshape((b, n, c))?
+            .broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
 
         match tokens {
             TokenMode::All => {
                 let h = kernels::layer_norm_modulate(&x, &m.shift_mlp, &m.scale_mlp, LN_EPS)?;
                 let y = mlp_rows(&h.reshape((b * n, c))?, mlp, &x)?;
-                let x = (x + y.reshape((b, n, c))?.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?)?;
+                let x = (x + y
+                    .reshape((b, n, c))?
+                    .broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?)?;
                 Ok((x, None))
             }
             TokenMode::Routed { offset } => {
@@ -146,7 +160,13 @@ impl DitBlock {
                 let sample: Vec<u32> = idx.iter().map(|&i| i / n as u32).collect();
                 let idx_t = Tensor::from_slice(&idx, idx.len(), dev)?;
                 let smp_t = Tensor::from_slice(&sample, sample.len(), dev)?;
-                let u = kernels::gather_layer_norm_modulate(&x, &idx, &m.shift_mlp, &m.scale_mlp, LN_EPS)?;
+                let u = kernels::gather_layer_norm_modulate(
+                    &x,
+                    &idx,
+                    &m.shift_mlp,
+                    &m.scale_mlp,
+                    LN_EPS,
+                )?;
                 let y = mlp_rows(&u, mlp, &x)?;
                 let upd = (y * m.gate_mlp.index_select(&smp_t, 0)?)?;
                 let x = flat.index_add(&idx_t, &upd, 0)?.reshape((b, n, c))?;
@@ -167,12 +187,21 @@ impl DitBlock {
         diff: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, n, c) = x.dims3()?;
-        let ln = |t: &Tensor| if diff { ops::layer_norm_diff(t, LN_EPS) } else { ops::layer_norm(t, LN_EPS) };
+        let ln = |t: &Tensor| {
+            if diff {
+                ops::layer_norm_diff(t, LN_EPS)
+            } else {
+                ops::layer_norm(t, LN_EPS)
+            }
+        };
         let xn = ops::modulate(&ln(x)?, &m.shift_msa, &m.scale_msa)?;
         let mut o = self.attention_heads(&xn, &self.qkv, self.num_heads, diff)?;
         if let Some(mk) = masks {
             let rep = repeat_units(mk.heads, self.head_dim())?; // [B, C]
-            o = o.reshape((b, n, c))?.broadcast_mul(&rep.unsqueeze(1)?)?.reshape((b * n, c))?;
+            o = o
+                .reshape((b, n, c))?
+                .broadcast_mul(&rep.unsqueeze(1)?)?
+                .reshape((b * n, c))?;
         }
         let a = self.proj.forward(&o)?.reshape((b, n, c))?;
         let x = (x + a.broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
@@ -191,7 +220,10 @@ impl DitBlock {
         if let Some(mk) = masks {
             let hid = h.dim(1)?;
             let rep = repeat_units(mk.groups, hid / self.mlp_groups())?; // [B, hidden]
-            h = h.reshape((b, n, hid))?.broadcast_mul(&rep.unsqueeze(1)?)?.reshape((b * n, hid))?;
+            h = h
+                .reshape((b, n, hid))?
+                .broadcast_mul(&rep.unsqueeze(1)?)?
+                .reshape((b * n, hid))?;
         }
         let y = self.fc2.forward(&ops::gelu_tanh(&h)?)?.reshape((b, n, c))?;
         let mut upd = y.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?;
@@ -224,5 +256,7 @@ fn bias_rows(bias: Option<&Tensor>, rows: usize, c: usize, like: &Tensor) -> Res
 /// `[B, units]` → `[B, units·size]`, each unit's value repeated over its contiguous channels.
 pub fn repeat_units(mask: &Tensor, size: usize) -> Result<Tensor> {
     let (b, u) = mask.dims2()?;
-    mask.unsqueeze(2)?.broadcast_as((b, u, size))?.reshape((b, u * size))
+    mask.unsqueeze(2)?
+        .broadcast_as((b, u, size))?
+        .reshape((b, u * size))
 }

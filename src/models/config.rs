@@ -53,7 +53,9 @@ impl DitConfig {
             .find(|s| s.0.eq_ignore_ascii_case(size))
             .ok_or_else(bad)?;
         if image_size % 8 != 0 || image_size == 0 {
-            anyhow::bail!("--image-size {image_size} must be a positive multiple of 8 (the VAE factor)");
+            anyhow::bail!(
+                "--image-size {image_size} must be a positive multiple of 8 (the VAE factor)"
+            );
         }
         let input_size = image_size / 8;
         if input_size % patch != 0 {
@@ -101,7 +103,10 @@ impl DitConfig {
             num_heads: u("num_heads")?,
             mlp_ratio: m.get("mlp_ratio").and_then(|v| v.as_f64()).unwrap_or(4.0),
             num_classes: u("num_classes")?,
-            learn_sigma: m.get("learn_sigma").and_then(|v| v.as_bool()).unwrap_or(true),
+            learn_sigma: m
+                .get("learn_sigma")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
             class_dropout_prob: m
                 .get("class_dropout_prob")
                 .and_then(|v| v.as_f64())
@@ -162,7 +167,10 @@ mod tests {
     fn presets_have_paper_shapes() {
         let xl = DitConfig::preset("DiT-XL/2", 256).unwrap();
         assert_eq!((xl.depth, xl.hidden_size, xl.num_heads), (28, 1152, 16));
-        assert_eq!((xl.num_tokens(), xl.head_dim(), xl.mlp_hidden()), (256, 72, 4608));
+        assert_eq!(
+            (xl.num_tokens(), xl.head_dim(), xl.mlp_hidden()),
+            (256, 72, 4608)
+        );
         let s8 = DitConfig::preset("DiT-S/8", 512).unwrap();
         assert_eq!((s8.input_size, s8.num_tokens()), (64, 64));
         assert!(DitConfig::preset("DiT-M/2", 256).is_err());

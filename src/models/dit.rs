@@ -66,8 +66,14 @@ impl Gate<'_> {
         match self {
             Gate::Hard { offset } => {
                 let shape = logits.shape().clone();
-                let v = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let m: Vec<f32> = v.iter().map(|&l| gate_on(l + *offset) as u8 as f32).collect();
+                let v = logits
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let m: Vec<f32> = v
+                    .iter()
+                    .map(|&l| gate_on(l + *offset) as u8 as f32)
+                    .collect();
                 Tensor::from_vec(m, shape, logits.device())?.to_dtype(logits.dtype())
             }
             Gate::Custom(f) => f(logits),
@@ -97,7 +103,10 @@ impl Dit {
             );
         }
         let x = x.to_dtype(self.dtype)?;
-        let tokens = self.x_embed.forward(&x)?.broadcast_add(&self.pos_embed.unsqueeze(0)?)?;
+        let tokens = self
+            .x_embed
+            .forward(&x)?
+            .broadcast_add(&self.pos_embed.unsqueeze(0)?)?;
         let t_emb = self.t_embed.forward(t, &self.device)?;
         let c = (&t_emb + label_embed(&self.y_table, y)?)?;
         Ok(Embedded {
@@ -111,9 +120,16 @@ impl Dit {
     pub fn head(&self, x: &Tensor, c_act: &Tensor, diff: bool) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let v = self.final_ada.forward_chunks(c_act, 2)?;
-        let xn = if diff { ops::layer_norm_diff(x, LN_EPS)? } else { ops::layer_norm(x, LN_EPS)? };
+        let xn = if diff {
+            ops::layer_norm_diff(x, LN_EPS)?
+        } else {
+            ops::layer_norm(x, LN_EPS)?
+        };
         let h = ops::modulate(&xn, &v[0].contiguous()?, &v[1].contiguous()?)?;
-        let out = self.final_linear.forward(&h.reshape((b * n, c))?)?.reshape((b, n, ()))?;
+        let out = self
+            .final_linear
+            .forward(&h.reshape((b * n, c))?)?
+            .reshape((b, n, ()))?;
         unpatchify(&out, self.cfg.patch_size, self.cfg.out_channels())
     }
 
@@ -123,7 +139,9 @@ impl Dit {
         let mut h = e.x;
         for blk in &self.blocks {
             let m = blk.modulation(&e.c_act)?;
-            h = blk.forward(&h, &m, &blk.full_attn(), &blk.full_mlp(), TokenMode::All)?.0;
+            h = blk
+                .forward(&h, &m, &blk.full_attn(), &blk.full_mlp(), TokenMode::All)?
+                .0;
         }
         self.head(&h, &e.c_act, false)
     }
@@ -150,7 +168,11 @@ impl Dit {
             };
             let heads = width_mask(&r.attn, &e.t_emb, gate)?;
             let groups = width_mask(&r.mlp, &e.t_emb, gate)?;
-            let masks = BlockMasks { heads: &heads, groups: &groups, tokens: None };
+            let masks = BlockMasks {
+                heads: &heads,
+                groups: &groups,
+                tokens: None,
+            };
             let mut tg = |l: &Tensor| gate.apply(l);
             let (nh, tok) = blk.forward_masked(&h, &m, Some(&masks), &mut tg, diff)?;
             h = nh;
@@ -211,7 +233,11 @@ impl Dit {
         route_tokens: Option<f32>,
     ) -> Result<(Tensor, TokenSelections)> {
         if widths.len() != self.blocks.len() {
-            candle::bail!("{} layer widths for {} blocks", widths.len(), self.blocks.len());
+            candle::bail!(
+                "{} layer widths for {} blocks",
+                widths.len(),
+                self.blocks.len()
+            );
         }
         let b = x.dim(0)?;
         let e = self.embed(x, &vec![t; b], y)?;
@@ -220,7 +246,12 @@ impl Dit {
         for (l, (blk, w)) in self.blocks.iter().zip(widths).enumerate() {
             let m = blk.modulation(&e.c_act)?;
             let attn = cache.attn(l, w.heads, || {
-                crate::dynamic::slicing::AttnWeights::slice(&blk.qkv, &blk.proj, w.heads, blk.head_dim())
+                crate::dynamic::slicing::AttnWeights::slice(
+                    &blk.qkv,
+                    &blk.proj,
+                    w.heads,
+                    blk.head_dim(),
+                )
             })?;
             let mlp = cache.mlp(l, w.groups, || {
                 crate::dynamic::slicing::MlpWeights::slice(&blk.fc1, &blk.fc2, w.groups)
@@ -261,11 +292,13 @@ pub fn build(
     cfg.validate()?;
     let dynamic = super::weights::detect_dynamic(cfg, tensors)?;
     super::weights::check_keys(cfg, dynamic, tensors)?;
-    let get = |k: &str| -> anyhow::Result<Tensor> {
-        Ok(tensors[k].to_device(device)?.to_dtype(dtype)?)
-    };
+    let get =
+        |k: &str| -> anyhow::Result<Tensor> { Ok(tensors[k].to_device(device)?.to_dtype(dtype)?) };
     let lin = |p: &str| -> anyhow::Result<Linear> {
-        Ok(Linear::new(get(&format!("{p}.weight"))?, Some(get(&format!("{p}.bias"))?)))
+        Ok(Linear::new(
+            get(&format!("{p}.weight"))?,
+            Some(get(&format!("{p}.bias"))?),
+        ))
     };
     let blocks = (0..cfg.depth)
         .map(|i| -> anyhow::Result<DitBlock> {
@@ -303,7 +336,10 @@ pub fn build(
     Ok(Dit {
         cfg: cfg.clone(),
         dynamic,
-        x_embed: PatchEmbed::from_conv(&get("x_embedder.proj.weight")?, get("x_embedder.proj.bias")?)?,
+        x_embed: PatchEmbed::from_conv(
+            &get("x_embedder.proj.weight")?,
+            get("x_embedder.proj.bias")?,
+        )?,
         pos_embed: get("pos_embed")?.squeeze(0)?,
         t_embed: TimestepEmbedder {
             fc1: lin("t_embedder.mlp.0")?,

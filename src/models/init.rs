@@ -45,7 +45,11 @@ pub fn init_tensors(
     let mut out = HashMap::new();
     for (name, shape) in expected_shapes(cfg, dynamic) {
         let n: usize = shape.iter().product();
-        let fan_in = if shape.len() >= 2 { shape[1..].iter().product::<usize>() } else { 1 };
+        let fan_in = if shape.len() >= 2 {
+            shape[1..].iter().product::<usize>()
+        } else {
+            1
+        };
         let fan_out = shape[0];
         let is_bias = name.ends_with(".bias");
         let v: Vec<f32> = if name == "pos_embed" {
@@ -80,7 +84,14 @@ pub fn init_tensors(
     Ok(out)
 }
 
-fn upstream(name: &str, rng: &mut rand::rngs::StdRng, n: usize, fan_in: usize, fan_out: usize, is_bias: bool) -> Vec<f32> {
+fn upstream(
+    name: &str,
+    rng: &mut rand::rngs::StdRng,
+    n: usize,
+    fan_in: usize,
+    fan_out: usize,
+    is_bias: bool,
+) -> Vec<f32> {
     let zero = || vec![0f32; n];
     if name.contains("adaLN_modulation") || name.starts_with("final_layer.linear") {
         return zero();

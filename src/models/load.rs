@@ -22,7 +22,11 @@ pub struct LoadedModel {
 
 /// Resolves the config: `--model` preset (image size from the flag or the checkpoint's position
 /// table), else the checkpoint's own metadata, else its shapes when routers reveal the heads.
-pub fn resolve_config(ck: &Checkpoint, model: Option<&str>, image_size: Option<usize>) -> anyhow::Result<DitConfig> {
+pub fn resolve_config(
+    ck: &Checkpoint,
+    model: Option<&str>,
+    image_size: Option<usize>,
+) -> anyhow::Result<DitConfig> {
     let path = ck.path.display();
     if let Some(name) = model {
         let size = match image_size {
@@ -46,11 +50,13 @@ pub fn resolve_config(ck: &Checkpoint, model: Option<&str>, image_size: Option<u
         return Ok(cfg);
     }
     if let Some(js) = ck.metadata.get(META_CONFIG) {
-        return serde_json::from_str(js).with_context(|| format!("{path}: bad '{META_CONFIG}' metadata"));
+        return serde_json::from_str(js)
+            .with_context(|| format!("{path}: bad '{META_CONFIG}' metadata"));
     }
     if let Some(js) = ck.metadata.get("config") {
         // Golden-vector files carry the upstream constructor arguments.
-        let v: serde_json::Value = serde_json::from_str(js).with_context(|| format!("{path}: bad 'config' metadata"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(js).with_context(|| format!("{path}: bad 'config' metadata"))?;
         if v.get("model").is_some() {
             return DitConfig::from_golden_json(&v["model"]);
         }
@@ -59,8 +65,12 @@ pub fn resolve_config(ck: &Checkpoint, model: Option<&str>, image_size: Option<u
         // Current DyDiT format: H−1 router rows.
         return infer_config(&ck.tensors, r.dims()[0] + 1);
     }
-    let guess = describe_checkpoint(&ck.tensors).map(|g| format!(" (it looks like {g})")).unwrap_or_default();
-    anyhow::bail!("cannot tell the architecture of {path}{guess}: pass --model, e.g. --model DiT-XL/2")
+    let guess = describe_checkpoint(&ck.tensors)
+        .map(|g| format!(" (it looks like {g})"))
+        .unwrap_or_default();
+    anyhow::bail!(
+        "cannot tell the architecture of {path}{guess}: pass --model, e.g. --model DiT-XL/2"
+    )
 }
 
 /// Loads and checks a model. Errors name the file and every mismatching key.
@@ -77,13 +87,23 @@ pub fn load_model(
         format!(
             "{} does not match {}",
             path.display(),
-            model.map(|m| format!("--model {m}")).unwrap_or_else(|| "its own config".into())
+            model
+                .map(|m| format!("--model {m}"))
+                .unwrap_or_else(|| "its own config".into())
         )
     })?;
     let class_names = match ck.metadata.get(META_CLASSES) {
-        Some(js) => serde_json::from_str(js).with_context(|| format!("{}: bad '{META_CLASSES}'", path.display()))?,
-        None if cfg.num_classes == 1000 => crate::labels::imagenet_names().iter().map(|s| s.to_string()).collect(),
+        Some(js) => serde_json::from_str(js)
+            .with_context(|| format!("{}: bad '{META_CLASSES}'", path.display()))?,
+        None if cfg.num_classes == 1000 => crate::labels::imagenet_names()
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         None => vec![],
     };
-    Ok(LoadedModel { dit, class_names, checkpoint: ck })
+    Ok(LoadedModel {
+        dit,
+        class_names,
+        checkpoint: ck,
+    })
 }

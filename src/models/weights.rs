@@ -8,7 +8,10 @@ use candle::Tensor;
 use std::collections::{BTreeMap, HashMap};
 
 /// Upstream `state_dict()` keys and shapes of a DiT (and, with `dynamic`, DyDiT) of `cfg`.
-pub fn expected_shapes(cfg: &DitConfig, dynamic: Option<DynamicSpec>) -> BTreeMap<String, Vec<usize>> {
+pub fn expected_shapes(
+    cfg: &DitConfig,
+    dynamic: Option<DynamicSpec>,
+) -> BTreeMap<String, Vec<usize>> {
     let c = cfg.hidden_size;
     let p = cfg.patch_size;
     let mlp = cfg.mlp_hidden();
@@ -17,13 +20,22 @@ pub fn expected_shapes(cfg: &DitConfig, dynamic: Option<DynamicSpec>) -> BTreeMa
         m.insert(k, s);
     };
     put("pos_embed".into(), vec![1, cfg.num_tokens(), c]);
-    put("x_embedder.proj.weight".into(), vec![c, cfg.in_channels, p, p]);
+    put(
+        "x_embedder.proj.weight".into(),
+        vec![c, cfg.in_channels, p, p],
+    );
     put("x_embedder.proj.bias".into(), vec![c]);
-    put("t_embedder.mlp.0.weight".into(), vec![c, crate::nn::embed::FREQ_DIM]);
+    put(
+        "t_embedder.mlp.0.weight".into(),
+        vec![c, crate::nn::embed::FREQ_DIM],
+    );
     put("t_embedder.mlp.0.bias".into(), vec![c]);
     put("t_embedder.mlp.2.weight".into(), vec![c, c]);
     put("t_embedder.mlp.2.bias".into(), vec![c]);
-    put("y_embedder.embedding_table.weight".into(), vec![cfg.num_classes + 1, c]);
+    put(
+        "y_embedder.embedding_table.weight".into(),
+        vec![cfg.num_classes + 1, c],
+    );
     for i in 0..cfg.depth {
         let b = format!("blocks.{i}");
         let mut lin = |name: &str, out: usize, inp: usize| {
@@ -44,7 +56,10 @@ pub fn expected_shapes(cfg: &DitConfig, dynamic: Option<DynamicSpec>) -> BTreeMa
         }
     }
     let out = p * p * cfg.out_channels();
-    put("final_layer.adaLN_modulation.1.weight".into(), vec![2 * c, c]);
+    put(
+        "final_layer.adaLN_modulation.1.weight".into(),
+        vec![2 * c, c],
+    );
     put("final_layer.adaLN_modulation.1.bias".into(), vec![2 * c]);
     put("final_layer.linear.weight".into(), vec![out, c]);
     put("final_layer.linear.bias".into(), vec![out]);
@@ -76,7 +91,10 @@ pub fn detect_dynamic(
         .get(tk)
         .map(|t| t.dims()[0])
         .ok_or_else(|| anyhow::anyhow!("DyDiT checkpoint without the token router key {tk}"))?;
-    Ok(Some(DynamicSpec { format, token_hidden }))
+    Ok(Some(DynamicSpec {
+        format,
+        token_hidden,
+    }))
 }
 
 /// Fails with one message listing every missing key, unexpected key and shape mismatch.
@@ -133,17 +151,27 @@ pub fn describe_checkpoint(tensors: &HashMap<String, Tensor>) -> Option<String> 
     let depth = (0..)
         .take_while(|i| tensors.contains_key(&format!("blocks.{i}.attn.qkv.weight")))
         .count();
-    let name = [("S", 12, 384), ("B", 12, 768), ("L", 24, 1024), ("XL", 28, 1152)]
-        .iter()
-        .find(|(_, d, h)| *d == depth && *h == hidden)
-        .map(|(s, ..)| format!(" = DiT-{s}/{patch}"))
-        .unwrap_or_default();
-    Some(format!("depth {depth}, hidden {hidden}, patch {patch}{name}"))
+    let name = [
+        ("S", 12, 384),
+        ("B", 12, 768),
+        ("L", 24, 1024),
+        ("XL", 28, 1152),
+    ]
+    .iter()
+    .find(|(_, d, h)| *d == depth && *h == hidden)
+    .map(|(s, ..)| format!(" = DiT-{s}/{patch}"))
+    .unwrap_or_default();
+    Some(format!(
+        "depth {depth}, hidden {hidden}, patch {patch}{name}"
+    ))
 }
 
 /// Reads a full config from a checkpoint's shapes when the head count is known (from routers,
 /// metadata or a preset). Used for checkpoints written by this project and the golden files.
-pub fn infer_config(tensors: &HashMap<String, Tensor>, num_heads: usize) -> anyhow::Result<DitConfig> {
+pub fn infer_config(
+    tensors: &HashMap<String, Tensor>,
+    num_heads: usize,
+) -> anyhow::Result<DitConfig> {
     let dims = |k: &str| -> anyhow::Result<Vec<usize>> {
         Ok(tensors
             .get(k)
@@ -152,7 +180,10 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, num_heads: usize) -> anyh
             .to_vec())
     };
     let pe = dims("x_embedder.proj.weight")?;
-    anyhow::ensure!(pe.len() == 4, "x_embedder.proj.weight must be 4-D, got {pe:?}");
+    anyhow::ensure!(
+        pe.len() == 4,
+        "x_embedder.proj.weight must be 4-D, got {pe:?}"
+    );
     let (hidden, in_ch, patch) = (pe[0], pe[1], pe[2]);
     let n = dims("pos_embed")?;
     anyhow::ensure!(n.len() == 3, "pos_embed must be [1, N, C], got {n:?}");

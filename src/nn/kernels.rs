@@ -5,7 +5,9 @@
 //! `u = √(2/π)(x + 0.044715x³)` (the identity 0.5(1 + tanh u) = σ(2u)), with a vectorisable
 //! Cephes-style `exp` accurate to ~2 ulp. AVX-512 code is compiled in and chosen at run time.
 
-use candle::{CpuStorage, CustomOp1, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor};
+use candle::{
+    CpuStorage, CustomOp1, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -44,7 +46,8 @@ fn gelu_slice(src: &[f32], dst: &mut [f32]) {
             unsafe { gelu_slice_avx512(src, dst) };
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
             unsafe { gelu_slice_avx2(src, dst) };
             return;
@@ -108,7 +111,6 @@ pub fn gelu_tanh_fast(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let v = match s {
         CpuStorage::F32(v) => v,
@@ -133,7 +135,8 @@ fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'
 
 /// Whether the fast CPU kernels apply: contiguous f32 on the CPU, no autograd.
 fn fast_ok(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == candle::DType::F32 && !t.track_op())
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle::DType::F32 && !t.track_op())
 }
 
 struct BiasAdd;
@@ -142,7 +145,13 @@ impl InplaceOp2 for BiasAdd {
     fn name(&self) -> &'static str {
         "dydit-bias-add"
     }
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
         let bias = f32_slice(s2, l2, "bias add")?;
         let y = f32_slice_mut(s1, l1, "bias add")?;
         let n = bias.len();
@@ -213,7 +222,11 @@ fn row_sum(row: &[f32]) -> f32 {
 fn softmax_row_impl(row: &mut [f32]) {
     let mut mx = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
-    let mut m = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut m = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for c in chunks {
         for i in 0..LANES {
             mx[i] = mx[i].max(c[i]);
@@ -293,11 +306,14 @@ impl CustomOp3 for LayerNormModulate {
         let (n, c) = (dims[1], dims[2]);
         let eps = self.eps;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c).zip(x.par_chunks(c)).enumerate().for_each(|(i, (o, r))| {
-            let b = i / n;
-            let (sh, sc) = (&shift[b * c..(b + 1) * c], &scale[b * c..(b + 1) * c]);
-            ln_mod_row(r, o, sh, sc, eps);
-        });
+        out.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .enumerate()
+            .for_each(|(i, (o, r))| {
+                let b = i / n;
+                let (sh, sc) = (&shift[b * c..(b + 1) * c], &scale[b * c..(b + 1) * c]);
+                ln_mod_row(r, o, sh, sc, eps);
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -308,7 +324,11 @@ fn ln_mod_row_impl(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     let mean = row_sum(r) / c;
     let mut acc = [0f32; LANES];
     let chunks = r.chunks_exact(LANES);
-    let rem: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    let rem: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
     for ch in chunks {
         for i in 0..LANES {
             let d = ch[i] - mean;
@@ -381,22 +401,40 @@ impl CustomOp3 for GatherLayerNormModulate<'_> {
             candle::bail!("gather-ln-modulate: row {bad} out of {total}");
         }
         let mut out = vec![0f32; self.rows.len() * c];
-        out.par_chunks_mut(c).zip(self.rows.par_iter()).for_each(|(o, &r)| {
-            let r = r as usize;
-            let b = r / self.tokens;
-            ln_mod_row(&x[r * c..(r + 1) * c], o, &shift[b * c..(b + 1) * c], &scale[b * c..(b + 1) * c], self.eps);
-        });
+        out.par_chunks_mut(c)
+            .zip(self.rows.par_iter())
+            .for_each(|(o, &r)| {
+                let r = r as usize;
+                let b = r / self.tokens;
+                ln_mod_row(
+                    &x[r * c..(r + 1) * c],
+                    o,
+                    &shift[b * c..(b + 1) * c],
+                    &scale[b * c..(b + 1) * c],
+                    self.eps,
+                );
+            });
         Ok((CpuStorage::F32(out), Shape::from((self.rows.len(), c))))
     }
 }
 
 /// Rows `rows` of `x [B, N, C]` (flattened index b·N + n), layer-normed and modulated with their
 /// sample's shift/scale `[B, C]`; `[M, C]`.
-pub fn gather_layer_norm_modulate(x: &Tensor, rows: &[u32], shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn gather_layer_norm_modulate(
+    x: &Tensor,
+    rows: &[u32],
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let (b, n, c) = x.dims3()?;
     if fast_ok(&[x, shift, scale]) {
         let (x, shift, scale) = (x.contiguous()?, shift.contiguous()?, scale.contiguous()?);
-        let op = GatherLayerNormModulate { rows, tokens: n, eps: eps as f32 };
+        let op = GatherLayerNormModulate {
+            rows,
+            tokens: n,
+            eps: eps as f32,
+        };
         return x.apply_op3_no_bwd(&shift, &scale, &op);
     }
     let dev = x.device();
@@ -404,7 +442,11 @@ pub fn gather_layer_norm_modulate(x: &Tensor, rows: &[u32], shift: &Tensor, scal
     let smp: Vec<u32> = rows.iter().map(|&r| r / n as u32).collect();
     let smp = Tensor::from_slice(&smp, smp.len(), dev)?;
     let g = x.reshape((b * n, c))?.index_select(&idx, 0)?;
-    super::ops::modulate_rows(&super::ops::layer_norm(&g, eps)?, &shift.index_select(&smp, 0)?, &scale.index_select(&smp, 0)?)
+    super::ops::modulate_rows(
+        &super::ops::layer_norm(&g, eps)?,
+        &shift.index_select(&smp, 0)?,
+        &scale.index_select(&smp, 0)?,
+    )
 }
 
 #[cfg(test)]
@@ -418,7 +460,12 @@ mod tests {
         let sh = Tensor::randn(0f32, 1.0, (2, 48), &dev).unwrap();
         let sc = Tensor::randn(0f32, 1.0, (2, 48), &dev).unwrap();
         let fast = layer_norm_modulate(&x, &sh, &sc, 1e-6).unwrap();
-        let slow = crate::nn::ops::modulate(&crate::nn::ops::layer_norm_diff(&x, 1e-6).unwrap(), &sh, &sc).unwrap();
+        let slow = crate::nn::ops::modulate(
+            &crate::nn::ops::layer_norm_diff(&x, 1e-6).unwrap(),
+            &sh,
+            &sc,
+        )
+        .unwrap();
         assert!(crate::nn::ops::max_rel_err(&fast, &slow).unwrap() < 1e-5);
         let s = Tensor::randn(0f32, 3.0, (3, 7, 33), &dev).unwrap();
         let fast = softmax_last_dim_owned(s.copy().unwrap()).unwrap();
@@ -447,8 +494,15 @@ mod tests {
         let fast = gelu_tanh_fast(&t).unwrap().to_vec1::<f32>().unwrap();
         for (x, f) in xs.iter().zip(fast) {
             let x64 = *x as f64;
-            let r = 0.5 * x64 * (1.0 + ((2.0f64 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
-            assert!((f as f64 - r).abs() <= 2e-7 * r.abs().max(1e-3) + 1e-7, "gelu({x}) = {f}, want {r}");
+            let r = 0.5
+                * x64
+                * (1.0
+                    + ((2.0f64 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3)))
+                        .tanh());
+            assert!(
+                (f as f64 - r).abs() <= 2e-7 * r.abs().max(1e-3) + 1e-7,
+                "gelu({x}) = {f}, want {r}"
+            );
         }
     }
 }

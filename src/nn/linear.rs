@@ -29,7 +29,11 @@ impl Linear {
         let dims = x.dims().to_vec();
         let k = *dims.last().expect("linear input has at least one dim");
         let m = x.elem_count() / k.max(1);
-        let x2 = if x.rank() == 2 { x.clone() } else { x.reshape((m, k))? };
+        let x2 = if x.rank() == 2 {
+            x.clone()
+        } else {
+            x.reshape((m, k))?
+        };
         let y = x2.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => super::kernels::add_bias(y, b)?,

@@ -60,7 +60,11 @@ pub fn max_rel_err(got: &Tensor, expect: &Tensor) -> Result<f64> {
     let g = got.to_dtype(DType::F64)?.flatten_all()?;
     let e = expect.to_dtype(DType::F64)?.flatten_all()?;
     if g.dims() != e.dims() {
-        candle::bail!("shape mismatch: got {:?}, expected {:?}", got.dims(), expect.dims());
+        candle::bail!(
+            "shape mismatch: got {:?}, expected {:?}",
+            got.dims(),
+            expect.dims()
+        );
     }
     let diff = (g - &e)?.abs()?.max(0)?.to_scalar::<f64>()?;
     let scale = e.abs()?.max(0)?.to_scalar::<f64>()?;

@@ -13,7 +13,9 @@ pub struct Canvas {
 
 impl Canvas {
     pub fn new(w: u32, h: u32) -> Self {
-        Self { img: RgbImage::from_pixel(w, h, WHITE) }
+        Self {
+            img: RgbImage::from_pixel(w, h, WHITE),
+        }
     }
 
     pub fn put(&mut self, x: i64, y: i64, c: Rgb<u8>) {
@@ -90,7 +92,11 @@ pub fn colormap(v: f64) -> Rgb<u8> {
         (0.75, [94.0, 201.0, 98.0]),
         (1.0, [253.0, 231.0, 37.0]),
     ];
-    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     for w in STOPS.windows(2) {
         let ((a, ca), (b, cb)) = (w[0], w[1]);
         if v <= b {

@@ -29,14 +29,26 @@ pub fn width_plot(table: &MaskTable, title: &str) -> RgbImage {
                 let lw = &table.widths[si][l];
                 let m = if panel == 0 { lw.heads } else { lw.groups };
                 let f = m.count() as f64 / m.len().max(1) as f64;
-                c.rect(left + col as i64 * cell_w, y0 + l as i64 * cell_h, cell_w, cell_h, colormap(f));
+                c.rect(
+                    left + col as i64 * cell_w,
+                    y0 + l as i64 * cell_h,
+                    cell_w,
+                    cell_h,
+                    colormap(f),
+                );
             }
         }
         c.frame(left - 1, y0 - 1, pw + 2, ph + 2, BLACK);
         // y axis: layers
         for l in [0, layers - 1] {
             let s = format!("L{l}");
-            c.text(left - 8 - Canvas::text_width(&s, 1), y0 + l as i64 * cell_h + (cell_h - 7) / 2, &s, 1, BLACK);
+            c.text(
+                left - 8 - Canvas::text_width(&s, 1),
+                y0 + l as i64 * cell_h + (cell_h - 7) / 2,
+                &s,
+                1,
+                BLACK,
+            );
         }
         // x axis: timesteps
         let tmin = table.timesteps[order[0]];
@@ -63,7 +75,12 @@ pub fn width_plot(table: &MaskTable, title: &str) -> RgbImage {
 /// with a legend strip below.
 pub fn token_map(img: &RgbImage, counts: &[f32], g: usize, max: f32) -> RgbImage {
     let scale = (256 / img.width().max(1)).max(1);
-    let base = imageops::resize(img, img.width() * scale, img.height() * scale, imageops::FilterType::Nearest);
+    let base = imageops::resize(
+        img,
+        img.width() * scale,
+        img.height() * scale,
+        imageops::FilterType::Nearest,
+    );
     let (w, h) = base.dimensions();
     let mut c = Canvas::new(w, h + 14);
     for y in 0..h {
@@ -78,10 +95,22 @@ pub fn token_map(img: &RgbImage, counts: &[f32], g: usize, max: f32) -> RgbImage
         }
     }
     for x in 0..w {
-        c.rect(x as i64, h as i64 + 2, 1, 4, colormap(x as f64 / (w - 1).max(1) as f64));
+        c.rect(
+            x as i64,
+            h as i64 + 2,
+            1,
+            4,
+            colormap(x as f64 / (w - 1).max(1) as f64),
+        );
     }
     c.text(0, h as i64 + 7, "0", 1, BLACK);
     let s = format!("{max:.0} layers");
-    c.text(w as i64 - Canvas::text_width(&s, 1), h as i64 + 7, &s, 1, BLACK);
+    c.text(
+        w as i64 - Canvas::text_width(&s, 1),
+        h as i64 + 7,
+        &s,
+        1,
+        BLACK,
+    );
     c.img
 }

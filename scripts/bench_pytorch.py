@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Times the DiT forward pass in PyTorch on this machine, for side-by-side comparison with
+`dydit bench` (same presets, batch sizes, warm-up and median). Not part of the test suite.
+
+Usage:  python3 scripts/bench_pytorch.py --model DiT-S/2,DiT-XL/2 --batch 2,8 [--dtype bf16] [--json]
+
+The network follows facebookresearch/DiT `models.py` (adaLN-Zero blocks, timm-style attention
+through `scaled_dot_product_attention`, GELU-tanh, non-affine LayerNorm eps 1e-6), with random
+weights; it needs only `torch`.
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Block(nn.Module):
+    def __init__(self, c, h):
+        super().__init__()
+        self.h = h
+        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.fc1 = nn.Linear(c, 4 * c)
+        self.fc2 = nn.Linear(4 * c, c)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+
+    def forward(self, x, c):
+        b, n, d = x.shape
+        sm, cm, gm, sp, cp, gp = self.ada(c).chunk(6, dim=1)
+        q, k, v = self.qkv(modulate(self.norm1(x), sm, cm)).reshape(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + gm.unsqueeze(1) * self.proj(a)
+        y = self.fc2(F.gelu(self.fc1(modulate(self.norm2(x), sp, cp)), approximate="tanh"))
+        return x + gp.unsqueeze(1) * y
+
+
+class DiT(nn.Module):
+    def __init__(self, depth, c, h, p, size=32, cin=4, classes=1000):
+        super().__init__()
+        self.p, self.cin = p, cin
+        self.x_embed = nn.Conv2d(cin, c, p, p)
+        self.pos = nn.Parameter(torch.randn(1, (size // p) ** 2, c) * 0.02)
+        self.t1, self.t2 = nn.Linear(256, c), nn.Linear(c, c)
+        self.y = nn.Embedding(classes + 1, c)
+        self.blocks = nn.ModuleList([Block(c, h) for _ in range(depth)])
+        self.norm = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.fada = nn.Sequential(nn.SiLU(), nn.Linear(c, 2 * c))
+        self.out = nn.Linear(c, p * p * 2 * cin)
+
+    def forward(self, x, t, y):
+        x = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
+        half = 128
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        tf = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
+        c = self.t2(F.silu(self.t1(tf))) + self.y(y)
+        for blk in self.blocks:
+            x = blk(x, c)
+        shift, scale = self.fada(c).chunk(2, dim=1)
+        x = self.out(modulate(self.norm(x), shift, scale))
+        b, n, _ = x.shape
+        g = int(n ** 0.5)
+        x = x.reshape(b, g, g, self.p, self.p, 2 * self.cin).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, 2 * self.cin, g * self.p, g * self.p)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="DiT-S/2,DiT-XL/2")
+    ap.add_argument("--batch", default="2,8")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    for name in a.model.split(","):
+        size, p = name.split("-")[1].split("/")
+        depth, c, h = SIZES[size]
+        m = DiT(depth, c, h, int(p)).eval()
+        for b in [int(x) for x in a.batch.split(",")]:
+            x = torch.randn(b, 4, 32, 32)
+            t = torch.randint(0, 1000, (b,))
+            y = torch.randint(0, 1000, (b,))
+            times = []
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+                for i in range(a.warmup + a.runs):
+                    t0 = time.perf_counter()
+                    m(x, t, y)
+                    if i >= a.warmup:
+                        times.append((time.perf_counter() - t0) * 1e3)
+            ms = statistics.median(times)
+            rec = {"model": name, "batch": b, "dtype": a.dtype, "forward_ms": ms, "impl": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads()}
+            print(json.dumps(rec) if a.json else f"{name:<10} {b:>5} {ms:>12.1f}  (PyTorch {torch.__version__}, {a.dtype}, {torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()
