@@ -7,15 +7,15 @@
 //! Layout: [`nn`] building blocks → [`dynamic`] routers/masks/slicing/FLOPs → [`models`]
 //! backbones → [`diffusion`] samplers and losses → [`io`] formats → [`golden`] parity checks.
 
+pub mod cli;
 pub mod diffusion;
 pub mod dynamic;
 pub mod golden;
 pub mod io;
-pub mod models;
 pub mod labels;
+pub mod models;
 pub mod nn;
 pub mod pipeline;
-pub mod cli;
 pub mod runner;
-pub mod viz;
 pub mod vae;
+pub mod viz;

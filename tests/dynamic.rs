@@ -99,14 +99,10 @@ fn assert_equivalent(m: &Dit, t: f32, b: usize) -> (Vec<LayerWidth>, Vec<Option<
     let n = m.cfg.num_tokens();
     for (l, s) in sel.iter().enumerate() {
         let s = s.as_ref().unwrap();
-        for bi in 0..b {
-            for ni in 0..n {
+        for (bi, per_layer) in tok.iter().enumerate().take(b) {
+            for (ni, &v) in per_layer[l].iter().enumerate().take(n) {
                 let on = s.binary_search(&((bi * n + ni) as u32)).is_ok();
-                assert_eq!(
-                    on,
-                    tok[bi][l][ni] == 1.0,
-                    "token mask differs at b{bi} l{l} n{ni}"
-                );
+                assert_eq!(on, v == 1.0, "token mask differs at b{bi} l{l} n{ni}");
             }
         }
     }

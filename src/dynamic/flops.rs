@@ -127,6 +127,10 @@ mod tests {
     }
 }
 
+/// One model call as the FLOPs model sees it: (timestep, layer widths, routed token rows per
+/// layer over the batch — `None` for all —, batch rows).
+pub type CallShape = (f32, Vec<LayerWidth>, Vec<Option<usize>>, usize);
+
 /// FLOPs of a sampling run, from what the model really did at every call.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunFlops {
@@ -166,7 +170,7 @@ impl FlopsModel {
     }
 
     /// Aggregates calls given as (t, widths, selected-per-layer, batch).
-    pub fn run(&self, calls: &[(f32, Vec<LayerWidth>, Vec<Option<usize>>, usize)]) -> RunFlops {
+    pub fn run(&self, calls: &[CallShape]) -> RunFlops {
         let per_step: Vec<(f32, f64)> = calls
             .iter()
             .map(|(t, w, s, b)| (*t, self.call(w, s, *b) / 1e9))

@@ -52,13 +52,13 @@ impl DitConfig {
             .iter()
             .find(|s| s.0.eq_ignore_ascii_case(size))
             .ok_or_else(bad)?;
-        if image_size % 8 != 0 || image_size == 0 {
+        if !image_size.is_multiple_of(8) || image_size == 0 {
             anyhow::bail!(
                 "--image-size {image_size} must be a positive multiple of 8 (the VAE factor)"
             );
         }
         let input_size = image_size / 8;
-        if input_size % patch != 0 {
+        if !input_size.is_multiple_of(patch) {
             anyhow::bail!("latent size {input_size} is not divisible by patch size {patch}");
         }
         Ok(Self {
@@ -143,13 +143,13 @@ impl DitConfig {
         anyhow::ensure!(self.depth > 0, "depth must be > 0");
         anyhow::ensure!(self.num_heads > 0, "num_heads must be > 0");
         anyhow::ensure!(
-            self.hidden_size % self.num_heads == 0,
+            self.hidden_size.is_multiple_of(self.num_heads),
             "hidden_size {} is not divisible by num_heads {}",
             self.hidden_size,
             self.num_heads
         );
         anyhow::ensure!(
-            self.patch_size > 0 && self.input_size % self.patch_size == 0,
+            self.patch_size > 0 && self.input_size.is_multiple_of(self.patch_size),
             "input_size {} is not divisible by patch_size {}",
             self.input_size,
             self.patch_size
