@@ -19,6 +19,13 @@ fn main() {
     // ~10% of CPU time (measured: 16x fewer page faults).
     // SAFETY: plain option setter of the linked allocator, called before any allocation-heavy work.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // candle runs elementwise ops on its own spinning barrier pool besides the rayon pool that
+    // the GEMMs and our kernels use; on few cores the two pools steal each other's time (measured
+    // ~20% of CPU spinning). The hot elementwise work is in our rayon kernels, so candle's pool
+    // is kept single-threaded unless the user says otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     // Die quietly on a closed pipe (`dydit flops --all | head`) like other Unix tools, instead
     // of panicking inside println!.
     #[cfg(unix)]

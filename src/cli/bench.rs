@@ -229,9 +229,13 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
                     ts_dyn.push(d_tot * 1e3 / timed.len() as f64);
                 }
             }
+            // Speedup: median over rounds of the ratio of back-to-back timings, which cancels
+            // most of the drift of a noisy machine.
+            let mut per_round: Vec<f64> =
+                ts_static.iter().zip(&ts_dyn).map(|(s, d)| s / d).collect();
+            let speedup = median(&mut per_round);
             let (sm, dm) = (median(&mut ts_static), median(&mut ts_dyn));
             let ratio = run_flops(&fm, &dy.records).ratio;
-            let speedup = sm / dm;
             let peak = peak_rss_mib();
             if a.json {
                 println!(

@@ -55,6 +55,21 @@ impl UnitMask {
     pub fn active(&self) -> Vec<usize> {
         (0..self.len()).filter(|&i| self.get(i)).collect()
     }
+    /// `(start, len)` when the active units form one contiguous run (new-format masks always
+    /// contain unit 0, so a run is a prefix): such a slice is a zero-copy view of the weights.
+    pub fn contiguous_run(&self) -> Option<(usize, usize)> {
+        if self.bits == 0 {
+            return None;
+        }
+        let start = self.bits.trailing_zeros() as usize;
+        let len = self.count();
+        let run = if len == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << len) - 1) << start
+        };
+        (run == self.bits).then_some((start, len))
+    }
     pub fn to_f32(&self) -> Vec<f32> {
         (0..self.len()).map(|i| self.get(i) as u8 as f32).collect()
     }
@@ -135,5 +150,14 @@ mod tests {
         assert_eq!(m.to_f32(), vec![1.0, 0.0, 1.0, 1.0]);
         assert!(UnitMask::full(16).is_full());
         assert_eq!(UnitMask::full(64).count(), 64);
+        assert_eq!(
+            UnitMask::from_bools(&[false, true, true, false]).contiguous_run(),
+            Some((1, 2))
+        );
+        assert_eq!(
+            UnitMask::from_bools(&[true, false, true]).contiguous_run(),
+            None
+        );
+        assert_eq!(UnitMask::full(5).contiguous_run(), Some((0, 5)));
     }
 }

@@ -1,5 +1,7 @@
 //! Weight slicing for TDW: run attention with only the active heads and the MLP with only the
-//! active channel groups, on weights cut once and cached per (layer, mask) under a byte budget.
+//! active channel groups. A contiguous run of units is a zero-copy view (qkv is stored
+//! head-major, see `models::weights::qkv_head_major`, so a head's q, k and v rows are adjacent);
+//! other patterns are copied once and cached per (layer, mask) under a byte budget.
 
 use super::masks::UnitMask;
 use crate::nn::Linear;
@@ -10,13 +12,15 @@ use std::sync::Arc;
 /// Attention weights restricted to `heads` active heads.
 #[derive(Debug)]
 pub struct AttnWeights {
-    /// Rows of q, k and v of the active heads: `[3·h·Dh, C]`.
+    /// Head-major rows (q, k, v of head 0, then head 1, …) of the active heads: `[3·h·Dh, C]`.
     pub qkv: Linear,
     /// Columns of the active heads: `[C, h·Dh]`.
     pub proj_w: Tensor,
     /// The full proj bias: the masked upstream code adds it whatever the mask.
     pub proj_b: Option<Tensor>,
     pub heads: usize,
+    /// Views into the full weights (no memory of their own).
+    pub shared: bool,
 }
 
 /// MLP weights restricted to `groups` active channel groups.
@@ -29,6 +33,8 @@ pub struct MlpWeights {
     /// The full fc2 bias (kept, as in the masked code).
     pub fc2_b: Option<Tensor>,
     pub groups: usize,
+    /// Views into the full weights (no memory of their own).
+    pub shared: bool,
 }
 
 impl AttnWeights {
@@ -38,38 +44,55 @@ impl AttnWeights {
             proj_w: proj.weight.clone(),
             proj_b: proj.bias.clone(),
             heads,
+            shared: true,
         }
     }
 
-    /// Cuts the active heads' rows of qkv (at offsets 0, C, 2C) and columns of proj.
+    /// The active heads' rows of the head-major qkv and columns of proj.
     pub fn slice(qkv: &Linear, proj: &Linear, mask: UnitMask, head_dim: usize) -> Result<Self> {
         if mask.is_full() {
             return Ok(Self::full(qkv, proj, mask.len()));
         }
-        let c = mask.len() * head_dim;
-        let active = mask.active();
-        let mut rows = Vec::with_capacity(3 * active.len() * head_dim);
-        for part in 0..3 {
-            for &h in &active {
-                rows.extend((0..head_dim).map(|d| (part * c + h * head_dim + d) as u32));
-            }
+        let per = 3 * head_dim;
+        if let Some((start, len)) = mask.contiguous_run() {
+            return Ok(Self {
+                qkv: Linear::new(
+                    qkv.weight.narrow(0, start * per, len * per)?,
+                    qkv.bias
+                        .as_ref()
+                        .map(|b| b.narrow(0, start * per, len * per))
+                        .transpose()?,
+                ),
+                proj_w: proj.weight.narrow(1, start * head_dim, len * head_dim)?,
+                proj_b: proj.bias.clone(),
+                heads: len,
+                shared: true,
+            });
         }
-        let cols: Vec<u32> = rows[..active.len() * head_dim].to_vec();
+        let active = mask.active();
+        let rows: Vec<u32> = active
+            .iter()
+            .flat_map(|&h| (h * per..(h + 1) * per).map(|i| i as u32))
+            .collect();
+        let cols: Vec<u32> = active
+            .iter()
+            .flat_map(|&h| (h * head_dim..(h + 1) * head_dim).map(|i| i as u32))
+            .collect();
         let dev = qkv.weight.device();
         let rows = Tensor::from_vec(rows.clone(), rows.len(), dev)?;
         let cols = Tensor::from_vec(cols.clone(), cols.len(), dev)?;
-        let qkv_s = Linear::new(
-            qkv.weight.index_select(&rows, 0)?,
-            qkv.bias
-                .as_ref()
-                .map(|b| b.index_select(&rows, 0))
-                .transpose()?,
-        );
         Ok(Self {
-            qkv: qkv_s,
+            qkv: Linear::new(
+                qkv.weight.index_select(&rows, 0)?,
+                qkv.bias
+                    .as_ref()
+                    .map(|b| b.index_select(&rows, 0))
+                    .transpose()?,
+            ),
             proj_w: proj.weight.index_select(&cols, 1)?,
             proj_b: proj.bias.clone(),
             heads: active.len(),
+            shared: false,
         })
     }
 
@@ -85,15 +108,31 @@ impl MlpWeights {
             fc2_w: fc2.weight.clone(),
             fc2_b: fc2.bias.clone(),
             groups,
+            shared: true,
         }
     }
 
-    /// Cuts the active groups' contiguous rows of fc1 and columns of fc2.
+    /// The active groups' contiguous rows of fc1 and columns of fc2.
     pub fn slice(fc1: &Linear, fc2: &Linear, mask: UnitMask) -> Result<Self> {
         if mask.is_full() {
             return Ok(Self::full(fc1, fc2, mask.len()));
         }
         let size = fc1.out_features() / mask.len();
+        if let Some((start, len)) = mask.contiguous_run() {
+            return Ok(Self {
+                fc1: Linear::new(
+                    fc1.weight.narrow(0, start * size, len * size)?,
+                    fc1.bias
+                        .as_ref()
+                        .map(|b| b.narrow(0, start * size, len * size))
+                        .transpose()?,
+                ),
+                fc2_w: fc2.weight.narrow(1, start * size, len * size)?,
+                fc2_b: fc2.bias.clone(),
+                groups: len,
+                shared: true,
+            });
+        }
         let idx: Vec<u32> = mask
             .active()
             .iter()
@@ -112,6 +151,7 @@ impl MlpWeights {
             fc2_w: fc2.weight.index_select(&idx_t, 1)?,
             fc2_b: fc2.bias.clone(),
             groups: mask.count(),
+            shared: false,
         })
     }
 
@@ -208,7 +248,7 @@ impl SliceCache {
             return Ok(w.clone());
         }
         let w = Arc::new(make()?);
-        let size = if mask.is_full() { 0 } else { w.bytes() };
+        let size = if w.shared { 0 } else { w.bytes() };
         self.insert(key, Entry::Attn(w.clone()), size);
         Ok(w)
     }
@@ -224,7 +264,7 @@ impl SliceCache {
             return Ok(w.clone());
         }
         let w = Arc::new(make()?);
-        let size = if mask.is_full() { 0 } else { w.bytes() };
+        let size = if w.shared { 0 } else { w.bytes() };
         self.insert(key, Entry::Mlp(w.clone()), size);
         Ok(w)
     }

@@ -14,6 +14,8 @@ pub const LN_EPS: f64 = 1e-6;
 #[derive(Debug, Clone)]
 pub struct DitBlock {
     pub ada: Linear,
+    /// Fused q/k/v projection with its rows in head-major order (q, k, v of head 0, then head
+    /// 1, …); `models::weights::qkv_head_major` converts from and to the upstream order.
     pub qkv: Linear,
     pub proj: Linear,
     pub fc1: Linear,
@@ -95,17 +97,22 @@ impl DitBlock {
         let dh = self.head_dim();
         let qkv = qkv
             .forward(&xn.reshape((b * n, ()))?)?
-            .reshape((b, n, 3, heads, dh))?
-            .permute((2, 0, 3, 1, 4))?;
+            .reshape((b, n, heads, 3, dh))?
+            .permute((3, 0, 2, 1, 4))?;
         let scale = (dh as f64).powf(-0.5);
-        let q = (qkv.get(0)? * scale)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let att = q.matmul(&k.t()?)?;
+        let att = if diff {
+            let q = (qkv.get(0)? * scale)?.contiguous()?;
+            q.matmul(&k.t()?)?
+        } else {
+            // Inference: the scale is applied inside the fused softmax pass.
+            qkv.get(0)?.contiguous()?.matmul(&k.t()?)?
+        };
         let att = if diff {
             ops::softmax_diff(&att)?
         } else {
-            ops::softmax(att)?
+            ops::softmax(att, scale)?
         };
         att.matmul(&v)?
             .transpose(1, 2)?
@@ -133,17 +140,13 @@ impl DitBlock {
             let o = self.attention_heads(&xn, &attn.qkv, attn.heads, false)?;
             Linear::new(attn.proj_w.clone(), attn.proj_b.clone()).forward(&o)?
         };
-        let x = (x + a
-            .reshape((b, n, c))?
-            .broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
+        let x = kernels::gated_residual(x, &a, &m.gate_msa, None)?;
 
         match tokens {
             TokenMode::All => {
                 let h = kernels::layer_norm_modulate(&x, &m.shift_mlp, &m.scale_mlp, LN_EPS)?;
                 let y = mlp_rows(&h.reshape((b * n, c))?, mlp, &x)?;
-                let x = (x + y
-                    .reshape((b, n, c))?
-                    .broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?)?;
+                let x = kernels::gated_residual(&x, &y, &m.gate_mlp, None)?;
                 Ok((x, None))
             }
             TokenMode::Routed { offset } => {
@@ -156,10 +159,6 @@ impl DitBlock {
                     return Ok((x, Some(idx)));
                 }
                 // One ragged matrix for the whole batch: gather, MLP, scatter-add.
-                let dev = x.device();
-                let sample: Vec<u32> = idx.iter().map(|&i| i / n as u32).collect();
-                let idx_t = Tensor::from_slice(&idx, idx.len(), dev)?;
-                let smp_t = Tensor::from_slice(&sample, sample.len(), dev)?;
                 let u = kernels::gather_layer_norm_modulate(
                     &x,
                     &idx,
@@ -168,8 +167,7 @@ impl DitBlock {
                     LN_EPS,
                 )?;
                 let y = mlp_rows(&u, mlp, &x)?;
-                let upd = (y * m.gate_mlp.index_select(&smp_t, 0)?)?;
-                let x = flat.index_add(&idx_t, &upd, 0)?.reshape((b, n, c))?;
+                let x = kernels::gated_residual(&x, &y, &m.gate_mlp, Some(&idx))?;
                 Ok((x, Some(idx)))
             }
         }

@@ -324,7 +324,12 @@ pub fn build(
             };
             Ok(DitBlock {
                 ada: lin(&format!("{p}.adaLN_modulation.1"))?,
-                qkv: lin(&format!("{p}.attn.qkv"))?,
+                qkv: {
+                    // Stored head-major (see `qkv_head_major`): TDW slices become views.
+                    let l = lin(&format!("{p}.attn.qkv"))?;
+                    let hm = |t: &Tensor| super::weights::qkv_head_major(t, cfg.num_heads, false);
+                    Linear::new(hm(&l.weight)?, l.bias.as_ref().map(hm).transpose()?)
+                },
                 proj: lin(&format!("{p}.attn.proj"))?,
                 fc1: lin(&format!("{p}.mlp.fc1"))?,
                 fc2: lin(&format!("{p}.mlp.fc2"))?,

@@ -207,3 +207,28 @@ pub fn infer_config(
         class_dropout_prob: 0.1,
     })
 }
+
+/// Row permutation of the fused qkv projection from upstream order (q of all heads, k of all
+/// heads, v of all heads) to head-major order (q, k, v of head 0, then head 1, …), so that any run
+/// of consecutive heads is one contiguous block of rows (zero-copy TDW slices). `inverse` maps
+/// back for saving upstream-compatible checkpoints.
+pub fn qkv_head_major(t: &Tensor, heads: usize, inverse: bool) -> candle::Result<Tensor> {
+    let rows = t.dim(0)?;
+    let dh = rows / (3 * heads);
+    let mut idx = vec![0u32; rows];
+    for h in 0..heads {
+        for p in 0..3 {
+            for d in 0..dh {
+                let upstream = p * heads * dh + h * dh + d;
+                let head_major = h * 3 * dh + p * dh + d;
+                if inverse {
+                    idx[upstream] = head_major as u32;
+                } else {
+                    idx[head_major] = upstream as u32;
+                }
+            }
+        }
+    }
+    let idx = Tensor::from_vec(idx, rows, t.device())?;
+    t.index_select(&idx, 0)
+}

@@ -177,7 +177,10 @@ pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
-struct SoftmaxRows;
+/// Row softmax of `scale · x` (the attention scale folded into the softmax pass).
+struct SoftmaxRows {
+    scale: f32,
+}
 
 impl InplaceOp1 for SoftmaxRows {
     fn name(&self) -> &'static str {
@@ -187,9 +190,10 @@ impl InplaceOp1 for SoftmaxRows {
         let n = *l.dims().last().unwrap_or(&1);
         let v = f32_slice_mut(s, l, "softmax")?;
         let rows_per = (CHUNK / n.max(1)).max(1);
+        let scale = self.scale;
         v.par_chunks_mut(rows_per * n).for_each(|blk| {
             for row in blk.chunks_exact_mut(n) {
-                softmax_row(row);
+                softmax_row(row, scale);
             }
         });
         Ok(())
@@ -219,7 +223,7 @@ fn row_sum(row: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn softmax_row_impl(row: &mut [f32]) {
+fn softmax_row_impl(row: &mut [f32], scale: f32) {
     let mut mx = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
     let mut m = chunks
@@ -237,14 +241,14 @@ fn softmax_row_impl(row: &mut [f32]) {
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            let e = exp_approx(c[i] - m);
+            let e = exp_approx((c[i] - m) * scale);
             c[i] = e;
             acc[i] += e;
         }
     }
     let mut sum = lane_sum(acc);
     for v in chunks.into_remainder() {
-        *v = exp_approx(*v - m);
+        *v = exp_approx((*v - m) * scale);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -253,31 +257,126 @@ fn softmax_row_impl(row: &mut [f32]) {
     }
 }
 
-fn softmax_row(row: &mut [f32]) {
+fn softmax_row(row: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F checked above.
-            unsafe { softmax_row_avx512(row) };
+            unsafe { softmax_row_avx512(row, scale) };
             return;
         }
     }
-    softmax_row_impl(row)
+    softmax_row_impl(row, scale)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row_avx512(row: &mut [f32]) {
-    softmax_row_impl(row)
+unsafe fn softmax_row_avx512(row: &mut [f32], scale: f32) {
+    softmax_row_impl(row, scale)
 }
 
-/// Softmax over the last dimension, in place on a tensor this code owns (attention scores).
-pub fn softmax_last_dim_owned(x: Tensor) -> Result<Tensor> {
+/// `softmax(scale · x)` over the last dimension (`scale > 0`), in place on a tensor this code
+/// owns (attention scores).
+pub fn softmax_last_dim_owned(x: Tensor, scale: f64) -> Result<Tensor> {
     if fast_ok(&[&x]) && x.is_contiguous() {
-        x.inplace_op1(&SoftmaxRows)?;
+        x.inplace_op1(&SoftmaxRows {
+            scale: scale as f32,
+        })?;
         Ok(x)
     } else {
-        candle_nn::ops::softmax_last_dim(&x)
+        candle_nn::ops::softmax_last_dim(&(x * scale)?)
+    }
+}
+
+/// `out = x; out[r] += gate[r / N] · upd[i]` for update rows `r = rows[i]` (all rows in order
+/// when `rows` is `None`): the gated residual add of a DiT block, with the ragged SDT scatter
+/// folded in, in one pass.
+struct GatedResidual<'a> {
+    rows: Option<&'a [u32]>,
+    tokens: usize,
+}
+
+impl CustomOp3 for GatedResidual<'_> {
+    fn name(&self) -> &'static str {
+        "dydit-gated-residual"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "gated-residual")?;
+        let upd = f32_slice(s2, l2, "gated-residual")?;
+        let gate = f32_slice(s3, l3, "gated-residual")?;
+        let c = *l1.dims().last().unwrap_or(&1);
+        let total = x.len() / c.max(1);
+        let mut out = x.to_vec();
+        match self.rows {
+            None => {
+                if upd.len() != x.len() {
+                    candle::bail!(
+                        "gated-residual: update has {} values, x {}",
+                        upd.len(),
+                        x.len()
+                    );
+                }
+                out.par_chunks_mut(c)
+                    .zip(upd.par_chunks(c))
+                    .enumerate()
+                    .for_each(|(r, (o, u))| {
+                        let g = &gate[(r / self.tokens) * c..(r / self.tokens + 1) * c];
+                        for i in 0..c {
+                            o[i] += g[i] * u[i];
+                        }
+                    });
+            }
+            Some(rows) => {
+                if rows.len() * c != upd.len() || rows.iter().any(|&r| r as usize >= total) {
+                    candle::bail!("gated-residual: rows do not match the update or exceed {total}");
+                }
+                for (i, &r) in rows.iter().enumerate() {
+                    let r = r as usize;
+                    let g = &gate[(r / self.tokens) * c..(r / self.tokens + 1) * c];
+                    let (o, u) = (&mut out[r * c..(r + 1) * c], &upd[i * c..(i + 1) * c]);
+                    for k in 0..c {
+                        o[k] += g[k] * u[k];
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `x + gate_b · upd` for x `[B, N, C]`, gate `[B, C]`, and `upd` either `[B·N, C]` (every
+/// token) or `[M, C]` for the flattened token rows `rows` (SDT scatter).
+pub fn gated_residual(
+    x: &Tensor,
+    upd: &Tensor,
+    gate: &Tensor,
+    rows: Option<&[u32]>,
+) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    if fast_ok(&[x, upd, gate]) {
+        let (x, upd, gate) = (x.contiguous()?, upd.contiguous()?, gate.contiguous()?);
+        return x.apply_op3_no_bwd(&upd, &gate, &GatedResidual { rows, tokens: n });
+    }
+    match rows {
+        None => x + upd.reshape((b, n, c))?.broadcast_mul(&gate.unsqueeze(1)?)?,
+        Some(rows) => {
+            let dev = x.device();
+            let idx = Tensor::from_slice(rows, rows.len(), dev)?;
+            let smp: Vec<u32> = rows.iter().map(|&r| r / n as u32).collect();
+            let smp = Tensor::from_slice(&smp, smp.len(), dev)?;
+            let g = (upd * gate.index_select(&smp, 0)?)?;
+            x.reshape((b * n, c))?
+                .index_add(&idx, &g, 0)?
+                .reshape((b, n, c))
+        }
     }
 }
 
@@ -468,13 +567,41 @@ mod tests {
         .unwrap();
         assert!(crate::nn::ops::max_rel_err(&fast, &slow).unwrap() < 1e-5);
         let s = Tensor::randn(0f32, 3.0, (3, 7, 33), &dev).unwrap();
-        let fast = softmax_last_dim_owned(s.copy().unwrap()).unwrap();
-        let slow = crate::nn::ops::softmax_diff(&s).unwrap();
+        let fast = softmax_last_dim_owned(s.copy().unwrap(), 0.7).unwrap();
+        let slow = crate::nn::ops::softmax_diff(&(&s * 0.7).unwrap()).unwrap();
         assert!(crate::nn::ops::max_rel_err(&fast, &slow).unwrap() < 1e-6);
         let y = Tensor::randn(0f32, 1.0, (9, 20), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 20, &dev).unwrap();
         let want = y.broadcast_add(&b).unwrap();
         let got = add_bias(y.copy().unwrap(), &b).unwrap();
+        assert_eq!(crate::nn::ops::max_rel_err(&got, &want).unwrap(), 0.0);
+        // Gated residual, all rows and scattered rows, against the composite ops.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap();
+        let want = (&x
+            + u.reshape((2, 3, 8))
+                .unwrap()
+                .broadcast_mul(&g.unsqueeze(1).unwrap())
+                .unwrap())
+        .unwrap();
+        assert_eq!(
+            crate::nn::ops::max_rel_err(&gated_residual(&x, &u, &g, None).unwrap(), &want).unwrap(),
+            0.0
+        );
+        let rows = [1u32, 4, 5];
+        let u3 = u.narrow(0, 0, 3).unwrap();
+        let got = gated_residual(&x, &u3, &g, Some(&rows)).unwrap();
+        let idx = Tensor::new(&rows, &dev).unwrap();
+        let smp = Tensor::new(&[0u32, 1, 1], &dev).unwrap();
+        let upd = (&u3 * g.index_select(&smp, 0).unwrap()).unwrap();
+        let want = x
+            .reshape((6, 8))
+            .unwrap()
+            .index_add(&idx, &upd, 0)
+            .unwrap()
+            .reshape((2, 3, 8))
+            .unwrap();
         assert_eq!(crate::nn::ops::max_rel_err(&got, &want).unwrap(), 0.0);
     }
 

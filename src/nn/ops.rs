@@ -39,9 +39,10 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     super::kernels::gelu_tanh_fast(x)
 }
 
-/// Softmax over the last dim of a tensor the caller owns (fused, in place; inference only).
-pub fn softmax(x: Tensor) -> Result<Tensor> {
-    super::kernels::softmax_last_dim_owned(x)
+/// `softmax(scale · x)` over the last dim of a tensor the caller owns (fused, in place;
+/// inference only).
+pub fn softmax(x: Tensor, scale: f64) -> Result<Tensor> {
+    super::kernels::softmax_last_dim_owned(x, scale)
 }
 
 /// Differentiable softmax over the last dim.
