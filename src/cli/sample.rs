@@ -221,9 +221,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         if let Some(f) = &flops {
             println!(
-                "DyDiT: {:.2} GFLOPs per forward vs {:.2} static ({:.1}% saved, ratio {:.3})",
-                f.dynamic_gflops,
-                static_g,
+                "DyDiT: {} GFLOPs per forward vs {} static ({:.1}% saved, ratio {:.3})",
+                fmt_g(f.dynamic_gflops),
+                fmt_g(static_g),
                 100.0 * (1.0 - f.ratio),
                 f.ratio
             );
@@ -287,4 +287,13 @@ fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
+}
+
+/// GFLOPs with 4 significant digits (tiny test models have ~0.01 GFLOPs).
+fn fmt_g(g: f64) -> String {
+    if g >= 100.0 {
+        format!("{g:.2}")
+    } else {
+        format!("{g:.4}")
+    }
 }
