@@ -25,8 +25,9 @@ pub struct DynamicOptions {
     pub router_offset: f32,
     /// Route tokens (SDT); off runs every token through the (width-sliced) MLP.
     pub tokens: bool,
-    /// Byte budget of the slice cache.
-    pub cache_bytes: usize,
+    /// Byte budget of the slice cache; `None`: a quarter of the model's block weights, which
+    /// keeps sampling memory within ~1.3x the weights even when no mask is a contiguous run.
+    pub cache_bytes: Option<usize>,
 }
 
 impl Default for DynamicOptions {
@@ -34,7 +35,7 @@ impl Default for DynamicOptions {
         Self {
             router_offset: 0.0,
             tokens: true,
-            cache_bytes: 4 << 30,
+            cache_bytes: None,
         }
     }
 }
@@ -70,7 +71,10 @@ impl<'a> DynamicRunner<'a> {
         Ok(Self {
             model,
             table,
-            cache: SliceCache::new(opts.cache_bytes),
+            cache: SliceCache::new(
+                opts.cache_bytes
+                    .unwrap_or_else(|| model.block_weight_bytes() / 4),
+            ),
             opts,
             records: Vec::new(),
             record: false,

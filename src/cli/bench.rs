@@ -43,8 +43,10 @@ pub struct Args {
     pub timesteps: usize,
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub router_offset: f32,
-    #[arg(long, default_value_t = 4096)]
-    pub cache_mib: usize,
+    /// Slice-cache budget in MiB for head/group patterns that are not contiguous runs
+    /// (default: a quarter of the block weights).
+    #[arg(long)]
+    pub cache_mib: Option<usize>,
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
@@ -207,7 +209,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
             let opts = DynamicOptions {
                 router_offset: a.router_offset,
                 tokens: true,
-                cache_bytes: a.cache_mib << 20,
+                cache_bytes: a.cache_mib.map(|m| m << 20),
             };
             let mut dy = DynamicRunner::new(&dit, Some(&grid), opts)?;
             let (mut ts_static, mut ts_dyn) = (Vec::new(), Vec::new());

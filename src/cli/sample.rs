@@ -55,9 +55,10 @@ pub struct Args {
     /// DyDiT: run every token through the MLP (TDW only).
     #[arg(long)]
     pub no_token_routing: bool,
-    /// Slice-cache budget in MiB.
-    #[arg(long, default_value_t = 4096)]
-    pub cache_mib: usize,
+    /// Slice-cache budget in MiB for head/group patterns that are not contiguous runs
+    /// (default: a quarter of the block weights).
+    #[arg(long)]
+    pub cache_mib: Option<usize>,
     /// DyDiT: write one heat map per sample into DIR showing, for every token, how many layers
     /// sent it through their MLP (averaged over steps), over the decoded image.
     #[arg(long)]
@@ -134,7 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Engine::Dynamic(DynamicOptions {
             router_offset: a.router_offset,
             tokens: !a.no_token_routing,
-            cache_bytes: a.cache_mib << 20,
+            cache_bytes: a.cache_mib.map(|m| m << 20),
         })
     } else {
         Engine::Static

@@ -89,6 +89,15 @@ impl Dit {
         self.blocks.len()
     }
 
+    /// Bytes of the sliceable block weights (qkv, proj, fc1, fc2).
+    pub fn block_weight_bytes(&self) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.blocks
+            .iter()
+            .map(|k| b(&k.qkv.weight) + b(&k.proj.weight) + b(&k.fc1.weight) + b(&k.fc2.weight))
+            .sum()
+    }
+
     /// Patch, timestep and class embeddings. `t` has one value per sample.
     pub fn embed(&self, x: &Tensor, t: &[f32], y: &[u32]) -> Result<Embedded> {
         let b = x.dim(0)?;
