@@ -548,6 +548,115 @@ pub fn gather_layer_norm_modulate(
     )
 }
 
+/// The SDT token router `Linear(C→h) → ReLU → Linear(h→1)` on token rows `[M, C]` in one pass
+/// per row (two tiny GEMMs plus a ReLU cost more in dispatch than in arithmetic).
+struct TokenRouterLogits {
+    w2: Vec<f32>,
+    b2: f32,
+}
+
+impl CustomOp3 for TokenRouterLogits {
+    fn name(&self) -> &'static str {
+        "dydit-token-router"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "token-router")?;
+        let w1 = f32_slice(s2, l2, "token-router")?;
+        let b1 = f32_slice(s3, l3, "token-router")?;
+        let c = *l1.dims().last().unwrap_or(&1);
+        let h = b1.len();
+        if w1.len() != h * c || self.w2.len() != h {
+            candle::bail!("token-router: weight shapes do not match");
+        }
+        let rows = x.len() / c.max(1);
+        let mut out = vec![0f32; rows];
+        out.par_chunks_mut(64).enumerate().for_each(|(blk, o)| {
+            for (i, v) in o.iter_mut().enumerate() {
+                let r = blk * 64 + i;
+                *v = router_row(&x[r * c..(r + 1) * c], w1, b1, &self.w2, self.b2);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(rows)))
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let rem: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    lane_sum(acc) + rem
+}
+
+fn router_row(x: &[f32], w1: &[f32], b1: &[f32], w2: &[f32], b2: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F checked above.
+            return unsafe { router_row_avx512(x, w1, b1, w2, b2) };
+        }
+    }
+    router_row_impl(x, w1, b1, w2, b2)
+}
+
+#[inline(always)]
+fn router_row_impl(x: &[f32], w1: &[f32], b1: &[f32], w2: &[f32], b2: f32) -> f32 {
+    let c = x.len();
+    let mut acc = b2;
+    for j in 0..b1.len() {
+        let hj = (dot(x, &w1[j * c..(j + 1) * c]) + b1[j]).max(0.0);
+        acc += w2[j] * hj;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn router_row_avx512(x: &[f32], w1: &[f32], b1: &[f32], w2: &[f32], b2: f32) -> f32 {
+    router_row_impl(x, w1, b1, w2, b2)
+}
+
+/// Token-router logits `[M]` for rows `[M, C]`; `None` when the fast kernel does not apply
+/// (GPU, other dtypes, autograd) and the caller should use the layers.
+pub fn token_router_logits(
+    x: &Tensor,
+    w1: &Tensor,
+    b1: &Tensor,
+    w2: &Tensor,
+    b2: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !fast_ok(&[x, w1, b1, w2, b2]) {
+        return Ok(None);
+    }
+    let op = TokenRouterLogits {
+        w2: w2.flatten_all()?.to_vec1()?,
+        b2: b2.flatten_all()?.to_vec1::<f32>()?[0],
+    };
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(
+        &w1.contiguous()?,
+        &b1.contiguous()?,
+        &op,
+    )?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,6 +712,34 @@ mod tests {
             .reshape((2, 3, 8))
             .unwrap();
         assert_eq!(crate::nn::ops::max_rel_err(&got, &want).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn fused_token_router_matches_the_layers() {
+        let dev = candle::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (37, 40), &dev).unwrap();
+        let w1 = Tensor::randn(0f32, 0.3, (5, 40), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 0.3, 5, &dev).unwrap();
+        let w2 = Tensor::randn(0f32, 0.3, (1, 5), &dev).unwrap();
+        let b2 = Tensor::randn(0f32, 0.3, 1, &dev).unwrap();
+        let fast = token_router_logits(&x, &w1, &b1, &w2, &b2)
+            .unwrap()
+            .unwrap();
+        let h = x
+            .matmul(&w1.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b1)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let slow = h
+            .matmul(&w2.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b2)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        assert!(crate::nn::ops::max_rel_err(&fast, &slow).unwrap() < 1e-5);
     }
 
     #[test]
