@@ -30,16 +30,7 @@ fn main() -> anyhow::Result<()> {
     let x = Tensor::randn(0f32, 1.0, (2, 4, 32, 32), &Device::Cpu)?;
     let y = [1u32, 2];
     let ts: Vec<f32> = (0..8).map(|i| grid[i * 30]).collect();
-    let tokens = std::env::var("NOTOK").is_err();
-    let mut dy = DynamicRunner::new(
-        &dit,
-        Some(&grid),
-        DynamicOptions {
-            tokens,
-            ..Default::default()
-        },
-    )?;
-    dy.record = true;
+    let mut dy = DynamicRunner::new(&dit, Some(&grid), DynamicOptions::default())?;
     let mut st = StaticRunner(&dit);
     let stat = std::env::var("STATIC").is_ok();
     let t0 = std::time::Instant::now();
@@ -53,12 +44,5 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("{} ms/step", t0.elapsed().as_secs_f64() * 1e3 / 32.0);
-    if !stat {
-        let fm = dydit::dynamic::flops::FlopsModel::new(&cfg, Some(spec.token_hidden));
-        println!(
-            "ratio {:.3}",
-            dydit::runner::run_flops(&fm, &dy.records).ratio
-        );
-    }
     Ok(())
 }

@@ -74,19 +74,8 @@ pub struct TokenRouter {
 }
 
 impl TokenRouter {
-    /// Logits `[M]` for token rows `[M, C]` (one fused pass on the CPU at inference).
+    /// Logits `[M]` for token rows `[M, C]`.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(b1), Some(b2)) = (&self.fc1.bias, &self.fc2.bias) {
-            if let Some(l) = crate::nn::kernels::token_router_logits(
-                x,
-                &self.fc1.weight,
-                b1,
-                &self.fc2.weight,
-                b2,
-            )? {
-                return Ok(l);
-            }
-        }
         self.fc2.forward(&self.fc1.forward(x)?.relu()?)?.squeeze(1)
     }
 
