@@ -276,16 +276,7 @@ fn convert_pt_to_safetensors_round_trip() {
     let b = dydit::io::checkpoint::load(&golden("dit_forward_1.safetensors")).unwrap();
     for (k, v) in &b.tensors {
         let w = a.tensors.get(k).unwrap_or_else(|| panic!("missing {k}"));
-        let diff = (v - w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = dydit::nn::ops::max_rel_err(w, v).unwrap();
         assert_eq!(diff, 0.0, "{k}");
     }
     let o = run(&[
