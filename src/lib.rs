@@ -8,6 +8,7 @@
 //! backbones → [`diffusion`] samplers and losses → [`io`] formats → [`golden`] parity checks.
 
 pub mod cli;
+pub mod data;
 pub mod diffusion;
 pub mod dynamic;
 pub mod golden;
@@ -17,5 +18,6 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod runner;
+pub mod train;
 pub mod vae;
 pub mod viz;

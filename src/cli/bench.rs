@@ -8,12 +8,13 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Comma-separated presets.
-    #[arg(long, default_value = "DiT-S/2,DiT-XL/2")]
-    pub model: String,
-    /// Comma-separated batch sizes.
-    #[arg(long, default_value = "2,8")]
-    pub batch: String,
+    /// Comma-separated presets (default DiT-S/2,DiT-XL/2; with --train: small,DiT-S/2, where
+    /// `small` is the Fashion-MNIST model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Comma-separated batch sizes (default 2,8; with --train: 8).
+    #[arg(long)]
+    pub batch: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub image_size: usize,
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
@@ -26,6 +27,9 @@ pub struct Args {
     pub cpu: bool,
     #[arg(long)]
     pub json: bool,
+    /// Time training iterations (forward+loss, backward, AdamW+EMA) of DiT and DyDiT.
+    #[arg(long)]
+    pub train: bool,
     /// Time static vs dynamic (DyDiT) sampling steps side by side, interleaved.
     #[arg(long)]
     pub dynamic: bool,
@@ -68,12 +72,15 @@ pub fn parse_list<T: std::str::FromStr>(s: &str, flag: &str) -> anyhow::Result<V
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
+    if a.train {
+        return super::bench_train::run(a);
+    }
     if a.dynamic {
         return run_dynamic(a);
     }
     let dev = device(a.cpu)?;
     let dt = dtype(&a.dtype);
-    let batches: Vec<usize> = parse_list(&a.batch, "--batch")?;
+    let batches: Vec<usize> = parse_list(a.batch.as_deref().unwrap_or("2,8"), "--batch")?;
     anyhow::ensure!(
         batches.iter().all(|&b| b > 0),
         "--batch sizes must be positive"
@@ -90,7 +97,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "model", "batch", "forward_ms", "peak_MiB"
         );
     }
-    for name in a.model.split(',').map(str::trim) {
+    for name in a
+        .model
+        .as_deref()
+        .unwrap_or("DiT-S/2,DiT-XL/2")
+        .split(',')
+        .map(str::trim)
+    {
         let cfg = DitConfig::preset(name, a.image_size)?;
         let dit = build(&cfg, &init_tensors(&cfg, None, Init::Random, 0)?, dt, &dev)?;
         for &b in &batches {
@@ -153,7 +166,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
     );
     let dev = device(a.cpu)?;
     let dt = dtype(&a.dtype);
-    let batches: Vec<usize> = parse_list(&a.batch, "--batch")?;
+    let batches: Vec<usize> = parse_list(a.batch.as_deref().unwrap_or("2,8"), "--batch")?;
     let grid: Vec<f32> = crate::diffusion::Schedule::new(&a.grid_steps.to_string())?
         .timestep_map
         .iter()
@@ -180,7 +193,13 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
             "peak_MiB"
         );
     }
-    for name in a.model.split(',').map(str::trim) {
+    for name in a
+        .model
+        .as_deref()
+        .unwrap_or("DiT-S/2,DiT-XL/2")
+        .split(',')
+        .map(str::trim)
+    {
         let cfg = DitConfig::preset(name, a.image_size)?;
         let spec = DynamicSpec {
             format: crate::dynamic::router::RouterFormat::New,

@@ -1,13 +1,17 @@
 //! The `dydit` command line.
 
 mod bench;
+mod bench_train;
 mod classes;
 mod common;
 mod convert;
 mod flops;
 mod golden;
 mod inspect;
+mod plot_log;
+mod prepare_latents;
 mod sample;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +40,14 @@ enum Command {
     Classes(classes::Args),
     /// Convert a PyTorch checkpoint (.pt) to safetensors.
     Convert(convert::Args),
+    /// Train a DiT from scratch (IDX, image folder or latent cache); resumable.
+    Train(train::Args),
+    /// Fine-tune a DiT into a DyDiT toward a target FLOPs ratio (the official recipe); resumable.
+    Finetune(train::Args),
+    /// Plot loss, FLOPs-ratio and gradient-norm curves of a training log (log.jsonl) to a PNG.
+    PlotLog(plot_log::Args),
+    /// Encode an image folder with the SD VAE once into a latent cache for training.
+    PrepareLatents(prepare_latents::Args),
     /// Check this implementation against golden test vectors of the official PyTorch code.
     Golden(golden::Args),
 }
@@ -51,6 +63,10 @@ pub fn main() -> i32 {
         Command::Classes(a) => classes::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Golden(a) => golden::run(a),
+        Command::Train(a) => train::run_train(a),
+        Command::PrepareLatents(a) => prepare_latents::run(a),
+        Command::PlotLog(a) => plot_log::run(a),
+        Command::Finetune(a) => train::run_finetune(a),
     };
     match res {
         Ok(code) => code,

@@ -20,6 +20,7 @@ pub const SUPPORTED: &[&str] = &[
     "ddpm_sample_dydit",
     "ddpm_training_loss",
     "vae_decode",
+    "dydit_flops_loss",
 ];
 
 pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
@@ -28,6 +29,7 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "dydit_forward" | "dydit_forward_old" => dydit_forward(g),
         "ddpm_sample" | "ddim_sample" | "ddpm_sample_dydit" => sample(g),
         "ddpm_training_loss" => training_loss(g),
+        "dydit_flops_loss" => flops_loss(g),
         "vae_decode" => Ok(
             crate::vae::golden_check(&g.tensors, &g.config, &Device::Cpu)?
                 .into_iter()
@@ -303,5 +305,37 @@ fn training_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         compare(g, "expect.mse", &terms.mse)?,
         compare(g, "expect.vb", &terms.vb)?,
         compare(g, "expect.loss", &terms.loss)?,
+    ])
+}
+
+/// Upstream `DynamicLoss` on given masks, with the constants of its FLOPs table entry.
+fn flops_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
+    use crate::models::dit::DynMasks;
+    use crate::train::flops_loss::FlopsLoss;
+    let kw = &g.config["constructor_kwargs"];
+    let f = |v: &serde_json::Value, k: &str| -> anyhow::Result<f64> {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| anyhow::anyhow!("config: '{k}' missing"))
+    };
+    let table = &g.config["flops_table_entry"];
+    let loss = FlopsLoss {
+        weight: f(kw, "token_loss_ratio")?,
+        f_attn: f(table, "attn")?,
+        f_mlp: f(table, "mlp")?,
+        token_minimal: f(kw, "token_minimal")?,
+        token_minimal_weight: f(kw, "token_minimal_weight")?,
+    };
+    let masks = DynMasks {
+        attn: g.get("input.mask_attn")?.clone(),
+        mlp: g.get("input.mask_mlp")?.clone(),
+        token: g.get("input.mask_token")?.clone(),
+    };
+    let lambda = g.get("input.lambda")?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+    let out = loss.compute(&masks, lambda)?;
+    Ok(vec![
+        compare(g, "expect.loss", &out.loss.reshape(1)?)?,
+        compare(g, "expect.rate", &out.rate.reshape(1)?)?,
+        compare(g, "expect.rate_per_sample", &out.per_sample)?,
     ])
 }

@@ -6,7 +6,7 @@
 
 use crate::dynamic::router::BlockRouters;
 use crate::dynamic::slicing::{AttnWeights, MlpWeights};
-use crate::nn::{kernels, ops, Linear};
+use crate::nn::{autodiff, kernels, ops, Linear};
 use candle::{Result, Tensor, D};
 
 pub const LN_EPS: f64 = 1e-6;
@@ -62,6 +62,14 @@ impl DitBlock {
         self.num_heads
     }
 
+    /// The same block with its routers detached (for given masks).
+    pub fn without_routers(&self) -> DitBlock {
+        DitBlock {
+            routers: None,
+            ..self.clone()
+        }
+    }
+
     pub fn full_attn(&self) -> AttnWeights {
         AttnWeights::full(&self.qkv, &self.proj, self.num_heads)
     }
@@ -102,15 +110,10 @@ impl DitBlock {
         let scale = (dh as f64).powf(-0.5);
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
+        // The scale is applied inside the fused softmax pass.
+        let att = qkv.get(0)?.contiguous()?.matmul(&k.t()?)?;
         let att = if diff {
-            let q = (qkv.get(0)? * scale)?.contiguous()?;
-            q.matmul(&k.t()?)?
-        } else {
-            // Inference: the scale is applied inside the fused softmax pass.
-            qkv.get(0)?.contiguous()?.matmul(&k.t()?)?
-        };
-        let att = if diff {
-            ops::softmax_diff(&att)?
+            autodiff::softmax(&att, scale)?
         } else {
             ops::softmax(att, scale)?
         };
@@ -187,7 +190,7 @@ impl DitBlock {
         let (b, n, c) = x.dims3()?;
         let ln = |t: &Tensor| {
             if diff {
-                ops::layer_norm_diff(t, LN_EPS)
+                autodiff::layer_norm(t, LN_EPS)
             } else {
                 ops::layer_norm(t, LN_EPS)
             }
@@ -223,7 +226,12 @@ impl DitBlock {
                 .broadcast_mul(&rep.unsqueeze(1)?)?
                 .reshape((b * n, hid))?;
         }
-        let y = self.fc2.forward(&ops::gelu_tanh(&h)?)?.reshape((b, n, c))?;
+        let act = if diff {
+            autodiff::gelu_tanh(&h)?
+        } else {
+            ops::gelu_tanh(&h)?
+        };
+        let y = self.fc2.forward(&act)?.reshape((b, n, c))?;
         let mut upd = y.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?;
         if let Some(t) = &tok {
             upd = upd.broadcast_mul(&t.unsqueeze(D::Minus1)?)?;

@@ -81,6 +81,17 @@ impl Gate<'_> {
     }
 }
 
+/// Where the dense forward takes its masks from.
+pub enum MaskSource<'a, 'g> {
+    /// The model's routers, through a gate (DyDiT; a plain DiT runs complete).
+    Routers(&'a mut Gate<'g>),
+    /// No masks and no routers: the complete model (the recipe's full-width supervision).
+    Complete,
+    /// Given per-layer `(heads [H], groups [G])` unit multipliers, the same for every sample
+    /// (importance estimation: the gradient with respect to them ranks the units).
+    Units(&'a [(Tensor, Tensor)]),
+}
+
 /// Per-call record of which tokens each layer sent through its MLP (`None`: all of them).
 pub type TokenSelections = Vec<Option<Vec<u32>>>;
 
@@ -130,7 +141,7 @@ impl Dit {
         let (b, n, c) = x.dims3()?;
         let v = self.final_ada.forward_chunks(c_act, 2)?;
         let xn = if diff {
-            ops::layer_norm_diff(x, LN_EPS)?
+            crate::nn::autodiff::layer_norm(x, LN_EPS)?
         } else {
             ops::layer_norm(x, LN_EPS)?
         };
@@ -165,29 +176,58 @@ impl Dit {
         gate: &mut Gate,
         diff: bool,
     ) -> Result<(Tensor, Option<DynMasks>)> {
+        self.forward_dense(x, t, y, MaskSource::Routers(gate), diff)
+    }
+
+    /// The dense forward with masks from `src`: the routers (through a gate), none (the complete
+    /// model of the training recipe: routers skipped), or given per-layer unit masks.
+    pub fn forward_dense(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        y: &[u32],
+        mut src: MaskSource,
+        diff: bool,
+    ) -> Result<(Tensor, Option<DynMasks>)> {
         let e = self.embed(x, t, y)?;
         let mut h = e.x;
         let (mut ma, mut mm, mut mt) = (vec![], vec![], vec![]);
-        for blk in &self.blocks {
+        for (l, blk) in self.blocks.iter().enumerate() {
             let m: Modulation = blk.modulation(&e.c_act)?;
-            let Some(r) = &blk.routers else {
-                let mut none = |_: &Tensor| -> Result<Tensor> { unreachable!() };
-                h = blk.forward_masked(&h, &m, None, &mut none, diff)?.0;
-                continue;
-            };
-            let heads = width_mask(&r.attn, &e.t_emb, gate)?;
-            let groups = width_mask(&r.mlp, &e.t_emb, gate)?;
-            let masks = BlockMasks {
-                heads: &heads,
-                groups: &groups,
-                tokens: None,
-            };
-            let mut tg = |l: &Tensor| gate.apply(l);
-            let (nh, tok) = blk.forward_masked(&h, &m, Some(&masks), &mut tg, diff)?;
-            h = nh;
-            ma.push(heads);
-            mm.push(groups);
-            mt.push(tok.expect("routers give a token mask"));
+            let mut none = |_: &Tensor| -> Result<Tensor> { unreachable!("no token router") };
+            match (&mut src, &blk.routers) {
+                (MaskSource::Routers(gate), Some(r)) => {
+                    let heads = width_mask(&r.attn, &e.t_emb, gate)?;
+                    let groups = width_mask(&r.mlp, &e.t_emb, gate)?;
+                    let masks = BlockMasks {
+                        heads: &heads,
+                        groups: &groups,
+                        tokens: None,
+                    };
+                    let mut tg = |l: &Tensor| gate.apply(l);
+                    let (nh, tok) = blk.forward_masked(&h, &m, Some(&masks), &mut tg, diff)?;
+                    h = nh;
+                    ma.push(heads);
+                    mm.push(groups);
+                    mt.push(tok.expect("routers give a token mask"));
+                }
+                (MaskSource::Units(units), _) => {
+                    let (heads, groups) = &units[l];
+                    let b = h.dim(0)?;
+                    let bc = |u: &Tensor| u.unsqueeze(0)?.broadcast_as((b, u.dim(0)?));
+                    let (heads, groups) = (bc(heads)?, bc(groups)?);
+                    let masks = BlockMasks {
+                        heads: &heads,
+                        groups: &groups,
+                        tokens: None,
+                    };
+                    let plain = blk.without_routers();
+                    h = plain
+                        .forward_masked(&h, &m, Some(&masks), &mut none, diff)?
+                        .0;
+                }
+                _ => h = blk.forward_masked(&h, &m, None, &mut none, diff)?.0,
+            }
         }
         let out = self.head(&h, &e.c_act, diff)?;
         let masks = if ma.is_empty() {
@@ -298,6 +338,19 @@ pub fn build(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<Dit> {
+    build_with_layout(cfg, tensors, dtype, device, false)
+}
+
+/// [`build`] for tensors whose qkv rows are already head-major (training state). Same-device,
+/// same-dtype tensors are shared, not copied, so a model built from training variables sees
+/// every optimizer update.
+pub fn build_with_layout(
+    cfg: &DitConfig,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    qkv_head_major: bool,
+) -> anyhow::Result<Dit> {
     cfg.validate()?;
     let dynamic = super::weights::detect_dynamic(cfg, tensors)?;
     super::weights::check_keys(cfg, dynamic, tensors)?;
@@ -336,7 +389,13 @@ pub fn build(
                 qkv: {
                     // Stored head-major (see `qkv_head_major`): TDW slices become views.
                     let l = lin(&format!("{p}.attn.qkv"))?;
-                    let hm = |t: &Tensor| super::weights::qkv_head_major(t, cfg.num_heads, false);
+                    let hm = |t: &Tensor| -> candle::Result<Tensor> {
+                        if qkv_head_major {
+                            Ok(t.clone())
+                        } else {
+                            super::weights::qkv_head_major(t, cfg.num_heads, false)
+                        }
+                    };
                     Linear::new(hm(&l.weight)?, l.bias.as_ref().map(hm).transpose()?)
                 },
                 proj: lin(&format!("{p}.attn.proj"))?,

@@ -14,7 +14,7 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 
 /// exp(x) for x in [−87, 88], branch-free so that loops over it vectorise.
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // x = n·ln2 + r, |r| ≤ ln2/2
     let n = (x * std::f32::consts::LOG2_E).round();
@@ -38,7 +38,7 @@ fn gelu_scalar(x: f32) -> f32 {
     x / (1.0 + exp_approx(-2.0 * u))
 }
 
-fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+pub(crate) fn gelu_slice(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -74,7 +74,7 @@ unsafe fn gelu_slice_avx2(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 struct GeluTanh;
 
@@ -111,7 +111,7 @@ pub fn gelu_tanh_fast(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let v = match s {
         CpuStorage::F32(v) => v,
         _ => candle::bail!("{what}: f32 only"),
@@ -202,15 +202,15 @@ impl InplaceOp1 for SoftmaxRows {
 
 /// Lanes of the explicit accumulators: float reductions only vectorise when written as
 /// independent partial sums (the compiler may not reorder a sequential sum).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 #[inline(always)]
-fn lane_sum(acc: [f32; LANES]) -> f32 {
+pub(crate) fn lane_sum(acc: [f32; LANES]) -> f32 {
     acc.iter().sum()
 }
 
 #[inline(always)]
-fn row_sum(row: &[f32]) -> f32 {
+pub(crate) fn row_sum(row: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = row.chunks_exact(LANES);
     let rem: f32 = chunks.remainder().iter().sum();
@@ -257,7 +257,7 @@ fn softmax_row_impl(row: &mut [f32], scale: f32) {
     }
 }
 
-fn softmax_row(row: &mut [f32], scale: f32) {
+pub(crate) fn softmax_row(row: &mut [f32], scale: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

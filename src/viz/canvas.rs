@@ -61,6 +61,45 @@ impl Canvas {
         }
     }
 
+    /// Dashed polyline through `pts`: `on` pixels drawn, then `off` skipped; the dash pattern
+    /// runs on across vertices, so a curve of many short segments still reads as dashed.
+    pub fn dashed_polyline(&mut self, pts: &[(i64, i64)], c: Rgb<u8>, on: i64, off: i64) {
+        let (on, period) = (on.max(1), on.max(1) + off.max(0));
+        if let [(x, y)] = pts {
+            self.put(*x, *y, c);
+        }
+        let mut k = 0i64;
+        for (seg, w) in pts.windows(2).enumerate() {
+            let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+            let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
+            let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
+            let (mut x, mut y, mut err) = (x0, y0, dx + dy);
+            // A segment's first pixel is the previous segment's last one: count it once.
+            let mut first = seg > 0;
+            loop {
+                if !first {
+                    if k % period < on {
+                        self.put(x, y, c);
+                    }
+                    k += 1;
+                }
+                first = false;
+                if x == x1 && y == y1 {
+                    break;
+                }
+                let e2 = 2 * err;
+                if e2 >= dy {
+                    err += dy;
+                    x += sx;
+                }
+                if e2 <= dx {
+                    err += dx;
+                    y += sy;
+                }
+            }
+        }
+    }
+
     /// Text with the 5×7 font at integer `scale`; returns the width drawn.
     pub fn text(&mut self, x: i64, y: i64, s: &str, scale: i64, c: Rgb<u8>) -> i64 {
         let mut cx = x;

@@ -1,0 +1,591 @@
+//! The training loop: data → loss → backward → gated AdamW step → EMA, with a JSON-lines log,
+//! a progress bar, atomic checkpoints every N steps and on Ctrl-C, and exact resumption.
+//!
+//! Determinism: every random draw of step s (data order, flips, labels dropped for CFG,
+//! timesteps, noise, Gumbel gates) comes from generators seeded by (seed, s), so a run resumed
+//! from a checkpoint takes exactly the steps the uninterrupted run would have taken.
+
+use super::checkpoint::{self, Groups, TrainState};
+use super::config::TrainConfig;
+use super::flops_loss::{target_ratio, FlopsLoss};
+use super::objective::{draw_timesteps, normal, step_loss, Batch, DynamicTerms};
+use super::optim::{as_tensors, as_vecs, grad_norm, AdamW, AdamWConfig, Ema};
+use super::params::Params;
+use crate::data::{open_dataset, Dataset, DatasetSpec};
+use crate::diffusion::schedule::linear_betas;
+use crate::diffusion::Schedule;
+use crate::dynamic::router::RouterFormat;
+use crate::models::dit::Dit;
+use crate::models::init::{attach_routers, init_tensors, Init};
+use crate::models::DitConfig;
+use anyhow::Context;
+use candle::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// SplitMix64: decorrelates the seeds of neighbouring steps and streams.
+pub fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(b)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Numbers of one step, for the log and the progress bar.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub loss: f64,
+    pub mse: f64,
+    pub vb: f64,
+    pub flops_loss: Option<f64>,
+    pub ratio: Option<f64>,
+    pub target: Option<f64>,
+    pub complete_loss: Option<f64>,
+    pub grad_norm: f64,
+    pub skipped: bool,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub params: Params,
+    pub model: Dit,
+    pub opt: AdamW,
+    pub ema: Ema,
+    pub state: TrainState,
+    pub class_names: Vec<String>,
+    data: Box<dyn Dataset>,
+    sched: Schedule,
+    flops: Option<FlopsLoss>,
+    perm: (u64, Vec<usize>),
+    log: Option<std::fs::File>,
+}
+
+fn open_data(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Dataset>> {
+    let path = cfg
+        .data
+        .clone()
+        .context("no training data: pass --data (IDX file, image folder or latent cache)")?;
+    open_dataset(&DatasetSpec {
+        path,
+        labels: cfg.labels.clone(),
+        image_size: cfg.image_size,
+        pad_to: cfg.pad_to,
+    })
+}
+
+fn check_data_fits(model: &DitConfig, data: &dyn Dataset) -> anyhow::Result<()> {
+    let [c, h, w] = data.item_shape();
+    anyhow::ensure!(
+        c == model.in_channels && h == model.input_size && w == model.input_size,
+        "the data gives {c}×{h}×{w} items but the model takes {}×{}×{} ({})",
+        model.in_channels,
+        model.input_size,
+        model.input_size,
+        data.describe()
+    );
+    anyhow::ensure!(
+        data.num_classes() <= model.num_classes,
+        "the data has {} classes but the model only {}",
+        data.num_classes(),
+        model.num_classes
+    );
+    anyhow::ensure!(
+        !data.is_empty(),
+        "the data set is empty: {}",
+        data.describe()
+    );
+    Ok(())
+}
+
+impl Trainer {
+    /// A DiT from scratch (upstream initialisation) on `cfg.data`.
+    pub fn from_scratch(cfg: TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let data = open_data(&cfg)?;
+        let [c, h, w] = data.item_shape();
+        anyhow::ensure!(h == w, "square inputs only, the data gives {h}×{w}");
+        let model_cfg = cfg.dit_config(c, h, data.num_classes())?;
+        let tensors = init_tensors(&model_cfg, None, Init::Upstream, cfg.seed)?;
+        let params = Params::from_upstream(&model_cfg, &tensors, device)?;
+        Self::assemble(cfg, params, data, TrainState::default(), None)
+    }
+
+    /// DiT → DyDiT: load `cfg.from`, optionally reorder units by importance, attach routers
+    /// (every unit on), and train toward `cfg.target_ratio`. A DyDiT checkpoint is fine-tuned
+    /// further as it is.
+    pub fn finetune(cfg: TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let from = cfg
+            .from
+            .clone()
+            .context("--from is required: the DiT checkpoint to fine-tune")?;
+        anyhow::ensure!(
+            cfg.target_ratio.is_some(),
+            "--target-ratio is required for fine-tuning (e.g. 0.5)"
+        );
+        let ck = crate::io::checkpoint::load(&from)?;
+        // The checkpoint's own config wins; `model` names the architecture of files without one.
+        let model_cfg = match crate::models::load::resolve_config(&ck, None, None) {
+            Ok(c) => c,
+            Err(e) => match cfg.model.as_deref() {
+                Some(m) if !m.eq_ignore_ascii_case("custom") => {
+                    crate::models::load::resolve_config(&ck, Some(m), None)?
+                }
+                _ => return Err(e),
+            },
+        };
+        let mut tensors = ck.tensors.clone();
+        tensors.retain(|_, t| t.dtype().is_float());
+        let data = open_data(&cfg)?;
+        check_data_fits(&model_cfg, data.as_ref())?;
+        let has_routers = tensors.contains_key("blocks.0.attn_rate.router.weight");
+        if has_routers {
+            anyhow::ensure!(
+                !cfg.reorder_by_importance,
+                "{} already has routers: --reorder-by-importance applies to a DiT only",
+                from.display()
+            );
+        } else {
+            if cfg.reorder_by_importance {
+                let report = super::reorder::reorder_by_importance(
+                    &model_cfg,
+                    &mut tensors,
+                    data.as_ref(),
+                    &cfg,
+                    device,
+                )?;
+                eprintln!("{report}");
+            }
+            let format = match cfg.router_format.as_str() {
+                "old" => RouterFormat::Old,
+                _ => RouterFormat::New,
+            };
+            attach_routers(&model_cfg, &mut tensors, format, cfg.seed)?;
+        }
+        let params = Params::from_upstream(&model_cfg, &tensors, device)
+            .with_context(|| format!("fine-tuning {}", from.display()))?;
+        Self::assemble(cfg, params, data, TrainState::default(), None)
+    }
+
+    /// Continues from a training checkpoint; `overrides` (flags) may change e.g. `steps`.
+    pub fn resume(
+        path: &Path,
+        overrides: serde_json::Value,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let ck = checkpoint::load(path)?;
+        let cfg = ck.train_cfg.merged(overrides)?;
+        cfg.validate()?;
+        let data = open_data(&cfg)?;
+        let mut model = ck.groups.model.clone();
+        if let Some(pe) = ck.groups.ema.get("pos_embed") {
+            model
+                .entry("pos_embed".into())
+                .or_insert_with(|| pe.clone());
+        }
+        let params = Params::from_upstream(&ck.model_cfg, &model, device)
+            .with_context(|| format!("{}: model tensors", path.display()))?;
+        let what = |g: &str| format!("{}: {g}", path.display());
+        let ema = as_vecs(&params.internal_from(&ck.groups.ema, &what("EMA"))?)?;
+        let m = as_vecs(&params.internal_from(&ck.groups.m, &what("AdamW m"))?)?;
+        let v = as_vecs(&params.internal_from(&ck.groups.v, &what("AdamW v"))?)?;
+        let mut t = Self::assemble(cfg, params, data, ck.state, Some(ck.class_names))?;
+        t.ema.weights = ema;
+        t.opt.m = m;
+        t.opt.v = v;
+        t.opt.step = ck.state.adam_step;
+        t.log_event(json!({"event": "resume", "step": ck.state.step, "from": path}))?;
+        Ok(t)
+    }
+
+    fn assemble(
+        cfg: TrainConfig,
+        params: Params,
+        data: Box<dyn Dataset>,
+        state: TrainState,
+        class_names: Option<Vec<String>>,
+    ) -> anyhow::Result<Self> {
+        check_data_fits(&params.cfg, data.as_ref())?;
+        let model = params.model()?;
+        let opt = AdamW::new(
+            AdamWConfig {
+                lr: cfg.lr,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.adam_eps,
+                weight_decay: cfg.weight_decay,
+            },
+            &params.vars,
+        );
+        let ema = Ema::new(cfg.ema_decay, &params.vars)?;
+        let sched = Schedule::respaced(&linear_betas(cfg.diffusion_steps), "")?;
+        let flops = params.dynamic.map(|_| FlopsLoss {
+            weight: cfg.flops_weight,
+            ..FlopsLoss::for_config(&params.cfg)
+        });
+        if flops.is_some() {
+            anyhow::ensure!(
+                cfg.target_ratio.is_some(),
+                "this model has routers: set target_ratio (--target-ratio)"
+            );
+        }
+        let class_names = class_names.unwrap_or_else(|| data.class_names());
+        Ok(Self {
+            cfg,
+            params,
+            model,
+            opt,
+            ema,
+            state,
+            class_names,
+            data,
+            sched,
+            flops,
+            perm: (u64::MAX, vec![]),
+            log: None,
+        })
+    }
+
+    pub fn is_dynamic(&self) -> bool {
+        self.flops.is_some()
+    }
+
+    pub fn data_description(&self) -> String {
+        self.data.describe()
+    }
+
+    /// The dataset order of an epoch: a permutation seeded by (seed, epoch).
+    fn index(&mut self, pos: u64) -> usize {
+        let n = self.data.len() as u64;
+        let epoch = pos / n;
+        if self.perm.0 != epoch {
+            let mut p: Vec<usize> = (0..n as usize).collect();
+            p.shuffle(&mut StdRng::seed_from_u64(mix(
+                self.cfg.seed,
+                0xDA7A ^ epoch,
+            )));
+            self.perm = (epoch, p);
+        }
+        self.perm.1[(pos % n) as usize]
+    }
+
+    /// The batch of step `step` and the generator for the rest of its randomness.
+    fn batch(&mut self, step: u64) -> anyhow::Result<(Batch, StdRng)> {
+        let b = self.cfg.batch_size;
+        let mut rng = StdRng::seed_from_u64(mix(self.cfg.seed, step));
+        let idx: Vec<usize> = (0..b as u64)
+            .map(|i| self.index(step * b as u64 + i))
+            .collect();
+        let flips: Vec<bool> = (0..b)
+            .map(|_| self.cfg.flip && rng.random_bool(0.5))
+            .collect();
+        let seeds: Vec<u64> = (0..b).map(|_| rng.random()).collect();
+        let [c, h, w] = self.data.item_shape();
+        let per = c * h * w;
+        let mut buf = vec![0f32; b * per];
+        let data = &self.data;
+        let labels: Vec<u32> = buf
+            .par_chunks_mut(per)
+            .enumerate()
+            .map(|(i, out)| data.load(idx[i], flips[i], seeds[i], out))
+            .collect::<anyhow::Result<_>>()?;
+        let dev = self.params.device();
+        let x0 = Tensor::from_vec(buf, (b, c, h, w), &dev)?;
+        // Classifier-free guidance: drop labels to the null class.
+        let null = self.params.cfg.num_classes as u32;
+        let p = self.cfg.class_dropout_prob;
+        let y = labels
+            .into_iter()
+            .map(|l| if rng.random_bool(p) { null } else { l })
+            .collect();
+        let t = draw_timesteps(b, self.sched.num_steps(), self.cfg.stratified_t, &mut rng);
+        let noise = normal(&[b, c, h, w], &mut rng, &dev)?;
+        Ok((Batch { x0, y, t, noise }, rng))
+    }
+
+    /// One iteration: loss, backward, gradient-norm gate, AdamW, EMA.
+    pub fn step(&mut self) -> anyhow::Result<StepStats> {
+        let step = self.state.step;
+        let (batch, mut rng) = self.batch(step)?;
+        let target = self
+            .cfg
+            .target_ratio
+            .map(|l| target_ratio(step, l, self.cfg.warmup_steps));
+        let dynamic = self.flops.as_ref().map(|f| DynamicTerms {
+            flops: f,
+            target: target.unwrap_or(1.0),
+            tau: self.cfg.tau,
+            complete: step < self.cfg.complete_steps(),
+        });
+        let loss = step_loss(&self.model, &self.sched, &batch, dynamic, &mut rng)?;
+        let grads = loss.total.backward()?;
+        let g: Vec<Option<Tensor>> = self
+            .params
+            .vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
+        drop(grads);
+        let norm = grad_norm(&g)?;
+        let skip = !norm.is_finite() || (self.cfg.clip > 0.0 && norm >= self.cfg.clip);
+        if skip {
+            self.state.skipped += 1;
+        } else {
+            self.opt.update(&self.params.vars, &g)?;
+            self.state.adam_step = self.opt.step;
+        }
+        self.ema.update(&self.params.vars)?;
+        self.state.step += 1;
+        Ok(StepStats {
+            loss: loss
+                .total
+                .to_dtype(candle::DType::F64)?
+                .to_scalar::<f64>()?,
+            mse: loss.mse,
+            vb: loss.vb,
+            flops_loss: loss.flops_loss,
+            ratio: loss.ratio,
+            target: self.flops.as_ref().and(target),
+            complete_loss: loss.complete_loss,
+            grad_norm: norm,
+            skipped: skip,
+        })
+    }
+
+    /// The checkpoint groups in upstream layout.
+    pub fn groups(&self) -> anyhow::Result<Groups> {
+        let p = &self.params;
+        let vars = &p.vars;
+        let ema = p.to_upstream(&as_tensors(&self.ema.weights, vars)?, true)?;
+        let model = p.to_upstream(&p.tensors(), true)?;
+        let m = p.to_upstream(&as_tensors(&self.opt.m, vars)?, false)?;
+        let v = p.to_upstream(&as_tensors(&self.opt.v, vars)?, false)?;
+        Ok(Groups { model, ema, m, v })
+    }
+
+    /// Writes `out/ckpt/step-N.safetensors` atomically and prunes old checkpoints.
+    pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+        let path = checkpoint::path_for(&self.cfg.out, self.state.step);
+        std::fs::create_dir_all(path.parent().expect("ckpt dir"))
+            .with_context(|| format!("cannot create {}", self.cfg.out.display()))?;
+        checkpoint::save(
+            &path,
+            &self.groups()?,
+            &self.params.cfg,
+            &self.cfg,
+            self.state,
+            &self.class_names,
+        )?;
+        checkpoint::prune(&self.cfg.out, self.cfg.keep_checkpoints);
+        self.log_event(json!({"event": "checkpoint", "step": self.state.step, "path": path}))?;
+        Ok(path)
+    }
+
+    /// The EMA model alone (what sampling uses), as an upstream-format safetensors file.
+    pub fn export(&self, path: &Path) -> anyhow::Result<()> {
+        let g = self.groups()?;
+        let meta = std::collections::HashMap::from([
+            (
+                crate::models::load::META_CONFIG.to_string(),
+                serde_json::to_string(&self.params.cfg)?,
+            ),
+            (
+                crate::models::load::META_CLASSES.to_string(),
+                serde_json::to_string(&self.class_names)?,
+            ),
+            (
+                checkpoint::META_TRAIN.to_string(),
+                serde_json::to_string(&self.cfg)?,
+            ),
+            (
+                checkpoint::META_STATE.to_string(),
+                serde_json::to_string(&self.state)?,
+            ),
+        ]);
+        crate::io::checkpoint::save_safetensors(path, &g.ema, &meta)
+    }
+
+    /// Appends one JSON line to `out/log.jsonl` with a single write, after terminating a line
+    /// a killed run may have left unfinished.
+    pub fn log_event(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
+        if self.log.is_none() {
+            std::fs::create_dir_all(&self.cfg.out)
+                .with_context(|| format!("cannot create {}", self.cfg.out.display()))?;
+            let p = self.cfg.out.join("log.jsonl");
+            let unterminated = std::fs::read(&p)
+                .map(|b| b.last().is_some_and(|&c| c != b'\n'))
+                .unwrap_or(false);
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("cannot open {}", p.display()))?;
+            if unterminated {
+                f.write_all(b"\n")?;
+            }
+            self.log = Some(f);
+        }
+        let f = self.log.as_mut().expect("log opened");
+        f.write_all(format!("{v}\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// Runs to `cfg.steps`, logging every `log_every` steps and checkpointing every `ckpt_every`
+    /// steps, at the end, and when Ctrl-C is pressed. Returns whether the run completed.
+    pub fn run(&mut self, show_progress: bool) -> anyhow::Result<bool> {
+        super::signal::install();
+        let total = self.cfg.steps;
+        if self.state.step == 0 {
+            self.log_event(json!({
+                "event": "start",
+                "config": self.cfg,
+                "model": self.params.cfg,
+                "dynamic": self.is_dynamic(),
+                "params": self.params.num_elements(),
+                "data": self.data.describe(),
+            }))?;
+        }
+        let bar = if show_progress {
+            indicatif::ProgressBar::new(total)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(self.state.step);
+        let mut acc = Accum::default();
+        let t0 = Instant::now();
+        let start_step = self.state.step;
+        while self.state.step < total {
+            let s = self.step()?;
+            acc.add(&s);
+            let step = self.state.step;
+            bar.set_position(step);
+            if step.is_multiple_of(self.cfg.log_every) || step == total {
+                let rate = (step - start_step) as f64 / t0.elapsed().as_secs_f64();
+                let line = acc.line(step, rate, self.cfg.lr, self.state.skipped, t0);
+                bar.set_message(acc.message());
+                if !show_progress {
+                    eprintln!("step {step}/{total} {} {:.2} it/s", acc.message(), rate);
+                }
+                self.log_event(line)?;
+                acc = Accum::default();
+            }
+            if step.is_multiple_of(self.cfg.ckpt_every) || step == total {
+                self.save_checkpoint()?;
+            }
+            if super::signal::requested() {
+                if !step.is_multiple_of(self.cfg.ckpt_every) && step != total {
+                    self.save_checkpoint()?;
+                }
+                self.log_event(json!({"event": "interrupt", "step": step}))?;
+                bar.abandon_with_message("interrupted");
+                return Ok(false);
+            }
+        }
+        bar.finish();
+        self.log_event(
+            json!({"event": "done", "step": self.state.step, "skipped": self.state.skipped}),
+        )?;
+        Ok(true)
+    }
+}
+
+/// Means over a logging interval.
+#[derive(Default)]
+struct Accum {
+    n: f64,
+    loss: f64,
+    mse: f64,
+    vb: f64,
+    flops: f64,
+    ratio: f64,
+    target: Option<f64>,
+    complete: f64,
+    n_complete: f64,
+    gnorm: f64,
+    skipped: u64,
+    dynamic: bool,
+}
+
+impl Accum {
+    fn add(&mut self, s: &StepStats) {
+        self.n += 1.0;
+        self.loss += s.loss;
+        self.mse += s.mse;
+        self.vb += s.vb;
+        if let (Some(f), Some(r)) = (s.flops_loss, s.ratio) {
+            self.dynamic = true;
+            self.flops += f;
+            self.ratio += r;
+        }
+        self.target = s.target;
+        if let Some(c) = s.complete_loss {
+            self.complete += c;
+            self.n_complete += 1.0;
+        }
+        if s.grad_norm.is_finite() {
+            self.gnorm += s.grad_norm;
+        }
+        self.skipped += s.skipped as u64;
+    }
+
+    fn message(&self) -> String {
+        let n = self.n.max(1.0);
+        let mut m = format!("loss {:.4}", self.loss / n);
+        if self.dynamic {
+            m += &format!(
+                " ratio {:.3}→{:.3}",
+                self.ratio / n,
+                self.target.unwrap_or(1.0)
+            );
+        }
+        m
+    }
+
+    fn line(
+        &self,
+        step: u64,
+        rate: f64,
+        lr: f64,
+        skipped_total: u64,
+        t0: Instant,
+    ) -> serde_json::Value {
+        let n = self.n.max(1.0);
+        let mut v = json!({
+            "event": "step",
+            "step": step,
+            "loss": self.loss / n,
+            "mse": self.mse / n,
+            "vb": self.vb / n,
+            "grad_norm": self.gnorm / n,
+            "skipped": self.skipped,
+            "skipped_total": skipped_total,
+            "lr": lr,
+            "steps_per_s": rate,
+            "elapsed_s": t0.elapsed().as_secs_f64(),
+        });
+        if self.dynamic {
+            v["flops_loss"] = json!(self.flops / n);
+            v["ratio"] = json!(self.ratio / n);
+            v["target"] = json!(self.target);
+        }
+        if self.n_complete > 0.0 {
+            v["complete_loss"] = json!(self.complete / self.n_complete);
+        }
+        v
+    }
+}

@@ -1,0 +1,378 @@
+//! `dydit train` / `finetune` / `prepare-latents` end to end on tiny data: the whole pipeline
+//! (train → fine-tune with reordering → sample), config files with flag overrides, Ctrl-C with
+//! a saved checkpoint and an exact resume, and bad input giving one clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dydit"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run dydit")
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "command failed: {err}");
+    String::from_utf8_lossy(&o.stdout).into_owned() + &err
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(
+        err.starts_with("error: "),
+        "first line should be the error: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "error should mention '{needle}': {err}"
+    );
+}
+
+/// A 24-image, 3-class IDX set of 8×8 images (uncompressed).
+fn write_idx(dir: &Path) -> PathBuf {
+    let n = 24u32;
+    let mut img = vec![0, 0, 8, 3];
+    for v in [n, 8, 8] {
+        img.extend(v.to_be_bytes());
+    }
+    let mut lab = vec![0, 0, 8, 1];
+    lab.extend(n.to_be_bytes());
+    for i in 0..n as usize {
+        lab.push((i % 3) as u8);
+        img.extend((0..64).map(|p| ((p * 5 + i * 11 + (i % 3) * 70) % 256) as u8));
+    }
+    let ip = dir.join("train-images-idx3-ubyte");
+    std::fs::write(&ip, img).unwrap();
+    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
+    ip
+}
+
+const TINY: &[&str] = &[
+    "--model",
+    "custom",
+    "--patch-size",
+    "2",
+    "--hidden-size",
+    "32",
+    "--depth",
+    "2",
+    "--num-heads",
+    "2",
+    "--batch-size",
+    "4",
+    "--log-every",
+    "1",
+];
+
+fn log_events(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_finetune_sample_pipeline() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let data = data.to_str().unwrap();
+    let dit_dir = d.path().join("dit");
+    let mut args = vec![
+        "train",
+        "--data",
+        data,
+        "--steps",
+        "6",
+        "--out",
+        dit_dir.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    let out = ok(&run(&args));
+    assert!(out.contains("done: 6 steps"), "{out}");
+    let dit = dit_dir.join("model.safetensors");
+    assert!(dit.exists() && dit_dir.join("ckpt/step-0000006.safetensors").exists());
+    let ev = log_events(&dit_dir);
+    assert_eq!(ev[0]["event"], "start");
+    assert_eq!(ev.iter().filter(|e| e["event"] == "step").count(), 6);
+    assert!(ev.iter().any(|e| e["event"] == "done"));
+
+    // Fine-tune it into a DyDiT (importance reordering, λ warm-up, complete-model loss).
+    let ft_dir = d.path().join("ft");
+    let o = ok(&run(&[
+        "finetune",
+        "--from",
+        dit.to_str().unwrap(),
+        "--data",
+        data,
+        "--target-ratio",
+        "0.5",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "2",
+        "--reorder-by-importance",
+        "--importance-batches",
+        "1",
+        "--complete-model-steps",
+        "4",
+        "--out",
+        ft_dir.to_str().unwrap(),
+    ]));
+    assert!(o.contains("reordered heads and MLP groups"), "{o}");
+    let steps: Vec<_> = log_events(&ft_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 2);
+    for s in &steps {
+        assert!(s["ratio"].as_f64().unwrap() > 0.0 && s["target"].as_f64().unwrap() == 1.0);
+        assert!(s["complete_loss"].as_f64().is_some(), "{s}");
+    }
+    // The result samples as a DyDiT (pixel space: no VAE) and names its classes.
+    let png = d.path().join("s.png");
+    let o = ok(&run(&[
+        "sample",
+        "--ckpt",
+        ft_dir.join("model.safetensors").to_str().unwrap(),
+        "--num-steps",
+        "3",
+        "--out",
+        png.to_str().unwrap(),
+    ]));
+    assert!(png.exists());
+    assert!(o.contains("DyDiT"), "{o}");
+}
+
+#[test]
+fn config_file_with_flag_overrides_and_dry_run() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let cfg = d.path().join("c.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"data": data, "steps": 2, "lr": 0.5, "model": "custom", "depth": 2,
+            "hidden_size": 32, "num_heads": 2, "patch_size": 2, "batch_size": 2})
+        .to_string(),
+    )
+    .unwrap();
+    let o = ok(&run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--lr",
+        "0.001",
+        "--dry-run",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&o[..o.rfind('}').unwrap() + 1]).unwrap();
+    assert_eq!(v["lr"], 0.001);
+    assert_eq!(v["steps"], 2);
+    assert_eq!(v["depth"], 2);
+    // The resolved config is saved in the checkpoint.
+    let run_dir = d.path().join("r");
+    ok(&run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--out",
+        run_dir.to_str().unwrap(),
+    ]));
+    let ck = std::fs::read(run_dir.join("ckpt/step-0000003.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&ck).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["dydit.train"]).unwrap();
+    assert_eq!(
+        (saved["steps"].as_u64(), saved["lr"].as_f64()),
+        (Some(3), Some(0.5))
+    );
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let run_dir = d.path().join("r");
+    let mut args = vec![
+        "train".to_string(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--steps".into(),
+        "100000".into(),
+        "--ckpt-every".into(),
+        "1000000".into(),
+        "--out".into(),
+        run_dir.to_str().unwrap().into(),
+    ];
+    args.extend(TINY.iter().map(|s| s.to_string()));
+    let child = bin()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few logged steps, then interrupt.
+    let log = run_dir.join("log.jsonl");
+    let t0 = std::time::Instant::now();
+    loop {
+        let n = std::fs::read_to_string(&log)
+            .map(|s| s.matches("\"event\":\"step\"").count())
+            .unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let ev = log_events(&run_dir);
+    let stopped = ev
+        .iter()
+        .find(|e| e["event"] == "interrupt")
+        .expect("interrupt logged")["step"]
+        .as_u64()
+        .unwrap();
+    let ck = run_dir.join(format!("ckpt/step-{stopped:07}.safetensors"));
+    assert!(ck.exists(), "no checkpoint at the interrupted step");
+    // Resume from the run directory and finish a few steps later.
+    let target = (stopped + 2).to_string();
+    let o = ok(&run(&[
+        "train",
+        "--resume",
+        "--out",
+        run_dir.to_str().unwrap(),
+        "--steps",
+        &target,
+    ]));
+    assert!(o.contains("resuming"), "{o}");
+    let ev = log_events(&run_dir);
+    assert!(ev
+        .iter()
+        .any(|e| e["event"] == "resume" && e["step"] == stopped));
+    assert_eq!(ev.last().unwrap()["event"], "done");
+    assert_eq!(ev.last().unwrap()["step"].as_u64(), Some(stopped + 2));
+}
+
+#[test]
+fn prepare_latents_then_train_on_the_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("imgs");
+    for (c, class) in ["cat", "dog"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..3u8 {
+            let img = image::RgbImage::from_fn(20, 18, |x, y| {
+                image::Rgb([(x * 9) as u8 + i, (y * 11) as u8, 80 * c as u8])
+            });
+            img.save(root.join(class).join(format!("{i}.png"))).unwrap();
+        }
+    }
+    std::fs::write(root.join("dog/broken.png"), b"not a png").unwrap();
+    let vae = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/golden"))
+        .join("vae_decode_1.safetensors");
+    let cache = d.path().join("lat.safetensors");
+    let o = ok(&run(&[
+        "prepare-latents",
+        root.to_str().unwrap(),
+        "--vae",
+        vae.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--out",
+        cache.to_str().unwrap(),
+    ]));
+    assert!(
+        o.contains("broken.png"),
+        "the corrupt image is reported: {o}"
+    );
+    assert!(o.contains("wrote 6 latents"), "{o}");
+    // The tiny VAE downsamples by 2: 4×8×8 latents.
+    let mut args = vec!["train", "--data", cache.to_str().unwrap(), "--steps", "2"];
+    let out_dir = d.path().join("r");
+    args.extend(["--out", out_dir.to_str().unwrap()]);
+    args.extend(TINY);
+    let o = ok(&run(&args));
+    assert!(o.contains("done: 2 steps"), "{o}");
+}
+
+#[test]
+fn bad_input_gives_one_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let data = data.to_str().unwrap();
+    let bad_cfg = d.path().join("bad.json");
+    std::fs::write(&bad_cfg, r#"{"learning_rate": 0.1}"#).unwrap();
+    assert_clean_failure(
+        &run(&["train", "--config", bad_cfg.to_str().unwrap()]),
+        "learning_rate",
+    );
+    assert_clean_failure(&run(&["train", "--steps", "2"]), "--data");
+    assert_clean_failure(
+        &run(&["train", "--data", "/nonexistent/x-idx3-ubyte"]),
+        "/nonexistent",
+    );
+    assert_clean_failure(
+        &run(&["finetune", "--data", data, "--target-ratio", "0.5"]),
+        "--from",
+    );
+    let r = d.path().join("none");
+    assert_clean_failure(
+        &run(&["train", "--resume", "--out", r.to_str().unwrap()]),
+        "no checkpoint",
+    );
+    assert_clean_failure(&run(&["train", "--data", data, "--lr", "0"]), "lr");
+    // A DiT for 8×8 inputs cannot fine-tune on data of another size.
+    let dit_dir = d.path().join("dit");
+    let mut args = vec![
+        "train",
+        "--data",
+        data,
+        "--steps",
+        "1",
+        "--out",
+        dit_dir.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    ok(&run(&args));
+    let dit = dit_dir.join("model.safetensors");
+    assert_clean_failure(
+        &run(&[
+            "finetune",
+            "--from",
+            dit.to_str().unwrap(),
+            "--data",
+            data,
+            "--pad-to",
+            "12",
+            "--target-ratio",
+            "0.5",
+            "--out",
+            d.path().join("x").to_str().unwrap(),
+        ]),
+        "the model takes",
+    );
+    assert_clean_failure(
+        &run(&[
+            "finetune",
+            "--from",
+            dit.to_str().unwrap(),
+            "--data",
+            data,
+            "--out",
+            d.path().join("y").to_str().unwrap(),
+        ]),
+        "--target-ratio",
+    );
+}
