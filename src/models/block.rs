@@ -6,7 +6,7 @@
 
 use crate::dynamic::router::BlockRouters;
 use crate::dynamic::slicing::{AttnWeights, MlpWeights};
-use crate::nn::{autodiff, kernels, ops, Linear};
+use crate::nn::{attention, autodiff, kernels, ops, Linear};
 use candle::{Result, Tensor, D};
 
 pub const LN_EPS: f64 = 1e-6;
@@ -103,11 +103,14 @@ impl DitBlock {
     ) -> Result<Tensor> {
         let (b, n, _) = xn.dims3()?;
         let dh = self.head_dim();
+        let scale = (dh as f64).powf(-0.5);
+        let qkv = qkv.forward(&xn.reshape((b * n, ()))?)?;
+        if attention::fused_available(&qkv) {
+            return attention::attention(&qkv, b, n, heads, scale);
+        }
         let qkv = qkv
-            .forward(&xn.reshape((b * n, ()))?)?
             .reshape((b, n, heads, 3, dh))?
             .permute((3, 0, 2, 1, 4))?;
-        let scale = (dh as f64).powf(-0.5);
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         // The scale is applied inside the fused softmax pass.
@@ -188,14 +191,21 @@ impl DitBlock {
         diff: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, n, c) = x.dims3()?;
-        let ln = |t: &Tensor| {
+        let ln_mod = |t: &Tensor, shift: &Tensor, scale: &Tensor| {
             if diff {
-                autodiff::layer_norm(t, LN_EPS)
+                autodiff::layer_norm_modulate(t, shift, scale, LN_EPS)
             } else {
-                ops::layer_norm(t, LN_EPS)
+                ops::modulate(&ops::layer_norm(t, LN_EPS)?, shift, scale)
             }
         };
-        let xn = ops::modulate(&ln(x)?, &m.shift_msa, &m.scale_msa)?;
+        let gated = |x: &Tensor, y: &Tensor, gate: &Tensor| {
+            if diff {
+                autodiff::gated_add(x, y, gate)
+            } else {
+                x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+            }
+        };
+        let xn = ln_mod(x, &m.shift_msa, &m.scale_msa)?;
         let mut o = self.attention_heads(&xn, &self.qkv, self.num_heads, diff)?;
         if let Some(mk) = masks {
             let rep = repeat_units(mk.heads, self.head_dim())?; // [B, C]
@@ -205,7 +215,7 @@ impl DitBlock {
                 .reshape((b * n, c))?;
         }
         let a = self.proj.forward(&o)?.reshape((b, n, c))?;
-        let x = (x + a.broadcast_mul(&m.gate_msa.unsqueeze(1)?)?)?;
+        let x = gated(x, &a, &m.gate_msa)?;
 
         // Token mask from the router on the post-attention stream.
         let tok = match (masks, &self.routers) {
@@ -216,7 +226,7 @@ impl DitBlock {
             _ => None,
         };
 
-        let h = ops::modulate(&ln(&x)?, &m.shift_mlp, &m.scale_mlp)?;
+        let h = ln_mod(&x, &m.shift_mlp, &m.scale_mlp)?;
         let mut h = self.fc1.forward(&h.reshape((b * n, c))?)?;
         if let Some(mk) = masks {
             let hid = h.dim(1)?;
@@ -231,12 +241,11 @@ impl DitBlock {
         } else {
             ops::gelu_tanh(&h)?
         };
-        let y = self.fc2.forward(&act)?.reshape((b, n, c))?;
-        let mut upd = y.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?;
+        let mut y = self.fc2.forward(&act)?.reshape((b, n, c))?;
         if let Some(t) = &tok {
-            upd = upd.broadcast_mul(&t.unsqueeze(D::Minus1)?)?;
+            y = y.broadcast_mul(&t.unsqueeze(D::Minus1)?)?;
         }
-        Ok(((x + upd)?, tok))
+        Ok((gated(&x, &y, &m.gate_mlp)?, tok))
     }
 }
 

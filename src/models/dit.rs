@@ -140,12 +140,12 @@ impl Dit {
     pub fn head(&self, x: &Tensor, c_act: &Tensor, diff: bool) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let v = self.final_ada.forward_chunks(c_act, 2)?;
-        let xn = if diff {
-            crate::nn::autodiff::layer_norm(x, LN_EPS)?
+        let (shift, scale) = (v[0].contiguous()?, v[1].contiguous()?);
+        let h = if diff {
+            crate::nn::autodiff::layer_norm_modulate(x, &shift, &scale, LN_EPS)?
         } else {
-            ops::layer_norm(x, LN_EPS)?
+            ops::modulate(&ops::layer_norm(x, LN_EPS)?, &shift, &scale)?
         };
-        let h = ops::modulate(&xn, &v[0].contiguous()?, &v[1].contiguous()?)?;
         let out = self
             .final_linear
             .forward(&h.reshape((b * n, c))?)?

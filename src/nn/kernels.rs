@@ -173,7 +173,7 @@ pub fn add_bias(y: Tensor, bias: &Tensor) -> Result<Tensor> {
         y.inplace_op2(bias, &BiasAdd)?;
         Ok(y)
     } else {
-        y.broadcast_add(bias)
+        super::autodiff::add_bias(&y, bias)
     }
 }
 
@@ -441,7 +441,7 @@ fn ln_mod_row_impl(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     }
 }
 
-fn ln_mod_row(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
+pub(crate) fn ln_mod_row(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

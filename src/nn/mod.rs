@@ -1,5 +1,6 @@
 //! Model building blocks shared by every backbone.
 
+pub mod attention;
 pub mod autodiff;
 pub mod embed;
 pub mod kernels;
