@@ -151,7 +151,7 @@ impl CustomOp1 for Attention {
         let qkv = f32_slice(s, l, "attention")?;
         let cols = l.dims()[1];
         let (b, n, h) = (self.b, self.n, self.heads);
-        if l.dims()[0] != b * n || cols % (3 * h) != 0 {
+        if l.dims()[0] != b * n || !cols.is_multiple_of(3 * h) {
             candle::bail!(
                 "attention: qkv {:?} does not fit {b}×{n} tokens, {h} heads",
                 l.dims()
