@@ -3,6 +3,11 @@
 `dydit bench` (same presets, batch sizes, warm-up and median). Not part of the test suite.
 
 Usage:  python3 scripts/bench_pytorch.py --model DiT-S/2,DiT-XL/2 --batch 2,8 [--dtype bf16] [--json]
+        python3 scripts/bench_pytorch.py --train --model small,DiT-S/2 --batch 8   # like `dydit bench --train`
+
+`--train` times one DiT training iteration as `dydit bench --train` does ("dit" mode): forward +
+ε-MSE loss, backward, AdamW step (median over runs, reported as fwd/bwd/opt). `small` is the
+Fashion-MNIST model (32×32×1, patch 4, C 192, depth 6, 6 heads).
 
 The network follows facebookresearch/DiT `models.py` (adaLN-Zero blocks, timm-style attention
 through `scaled_dot_product_attention`, GELU-tanh, non-affine LayerNorm eps 1e-6), with random
@@ -77,6 +82,50 @@ class DiT(nn.Module):
         return x.reshape(b, 2 * self.cin, g * self.p, g * self.p)
 
 
+def config(name):
+    """(depth, hidden, heads, patch, input size, channels, classes) of a preset or `small`."""
+    if name == "small":
+        return 6, 192, 6, 4, 32, 1, 10
+    size, p = name.split("-")[1].split("/")
+    depth, c, h = SIZES[size]
+    return depth, c, h, int(p), 32, 4, 1000
+
+
+def bench_train(a):
+    for name in a.model.split(","):
+        depth, c, h, p, size, cin, classes = config(name)
+        m = DiT(depth, c, h, p, size, cin, classes).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0)
+        for b in [int(x) for x in a.batch.split(",")]:
+            f, bw, o = [], [], []
+            for i in range(a.warmup + a.runs):
+                x = torch.randn(b, cin, size, size)
+                noise = torch.randn(b, cin, size, size)
+                t = torch.randint(0, 1000, (b,))
+                y = torch.randint(0, classes, (b,))
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+                    out = m(x, t, y)
+                loss = F.mse_loss(out[:, :cin].float(), noise) + out[:, cin:].float().square().mean() * 1e-3
+                t1 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                t2 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1e9)
+                opt.step()
+                t3 = time.perf_counter()
+                if i >= a.warmup:
+                    f.append((t1 - t0) * 1e3)
+                    bw.append((t2 - t1) * 1e3)
+                    o.append((t3 - t2) * 1e3)
+            fm, bm, om = (statistics.median(v) for v in (f, bw, o))
+            rec = {"model": name, "batch": b, "mode": "dit", "dtype": a.dtype, "forward_ms": fm, "backward_ms": bm,
+                   "optimizer_ms": om, "step_ms": fm + bm + om, "impl": "pytorch", "torch": torch.__version__,
+                   "threads": torch.get_num_threads()}
+            print(json.dumps(rec) if a.json else
+                  f"{name:<9} {b:>5} {'dit':<15} {fm:>10.1f} {bm:>11.1f} {om:>8.1f} {fm + bm + om:>9.1f}  (PyTorch {torch.__version__}, {a.dtype})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="DiT-S/2,DiT-XL/2")
@@ -85,8 +134,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--train", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
+    if a.train:
+        return bench_train(a)
     for name in a.model.split(","):
         size, p = name.split("-")[1].split("/")
         depth, c, h = SIZES[size]

@@ -3,8 +3,33 @@
 //! The state lives in plain f32 vectors updated by fused loops (one pass per parameter instead
 //! of ten tensor ops), and is saved in checkpoints so that a resumed run continues exactly.
 
-use candle::{Tensor, Var};
+use candle::{CpuStorage, InplaceOp1, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Runs `f` on the f32 data of a CPU tensor in place (every clone of it sees the change).
+struct InPlace<F: Fn(&mut [f32]) + Send + Sync>(F);
+
+impl<F: Fn(&mut [f32]) + Send + Sync> InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "dydit-in-place-update"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle::Result<()> {
+        (self.0)(crate::nn::kernels::f32_slice_mut(s, l, "optimizer")?);
+        Ok(())
+    }
+}
+
+/// Calls `f` with the f32 data of a contiguous CPU tensor without copying it, or with a copy.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle::Result<R> {
+    {
+        let (st, l) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&vec_of(t)?))
+}
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
@@ -50,20 +75,35 @@ impl AdamW {
         let decay = (1.0 - c.lr * c.weight_decay) as f32;
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
-            let g = vec_of(g)?;
-            let mut p = vec_of(var.as_tensor())?;
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            p.par_iter_mut()
-                .zip(m.par_iter_mut().zip(v.par_iter_mut()))
-                .zip(g.par_iter())
-                .for_each(|((p, (m, v)), &g)| {
-                    *p *= decay;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p -= step_size * *m / denom;
-                });
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+            let update = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+                p.par_iter_mut()
+                    .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+                    .zip(g.par_iter())
+                    .for_each(|((p, (m, v)), &g)| {
+                        *p *= decay;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *p -= step_size * *m / denom;
+                    })
+            };
+            if var.device().is_cpu() && var.dtype() == candle::DType::F32 {
+                // In place on the variable's storage: no copies of the parameter.
+                let mv = Mutex::new((m, v));
+                with_f32(&g.detach(), |g| {
+                    var.inplace_op1(&InPlace(|p: &mut [f32]| {
+                        let mut guard = mv.lock().expect("optimizer state");
+                        let (m, v) = &mut *guard;
+                        update(p, m, v, g)
+                    }))
+                })??;
+            } else {
+                let g = vec_of(g)?;
+                let mut p = vec_of(var.as_tensor())?;
+                update(&mut p, m, v, &g);
+                var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+            }
         }
         Ok(())
     }
@@ -73,11 +113,11 @@ impl AdamW {
 pub fn grad_norm(grads: &[Option<Tensor>]) -> candle::Result<f64> {
     let mut total = 0f64;
     for g in grads.iter().flatten() {
-        total += g
-            .to_dtype(candle::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        total += with_f32(&g.to_dtype(candle::DType::F32)?, |v| {
+            v.par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum::<f64>()
+        })?;
     }
     Ok(total.sqrt())
 }
@@ -102,10 +142,11 @@ impl Ema {
     pub fn update(&mut self, vars: &[Var]) -> candle::Result<()> {
         let d = self.decay as f32;
         for (e, v) in self.weights.iter_mut().zip(vars) {
-            let p = vec_of(v.as_tensor())?;
-            e.par_iter_mut()
-                .zip(p.par_iter())
-                .for_each(|(e, &p)| *e = d * *e + (1.0 - d) * p);
+            with_f32(v.as_tensor(), |p| {
+                e.par_iter_mut()
+                    .zip(p.par_iter())
+                    .for_each(|(e, &p)| *e = d * *e + (1.0 - d) * p)
+            })?;
         }
         Ok(())
     }
