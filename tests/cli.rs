@@ -412,3 +412,82 @@ fn attach_routers_turns_a_dit_into_an_equivalent_dydit() {
     ]);
     assert_clean_failure(&o, "already has DyDiT routers");
 }
+
+#[test]
+fn npz_shards_merge_to_the_unsharded_file() {
+    let d = tmp();
+    let ck = golden("dydit_forward_1.safetensors");
+    let vae = golden("vae_decode_1.safetensors");
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let base = |npz: &str, extra: &[&str]| {
+        let mut v = vec![
+            "sample".to_string(),
+            "--ckpt".into(),
+            ck.to_str().unwrap().into(),
+            "--vae".into(),
+            vae.to_str().unwrap().into(),
+            "--num-steps".into(),
+            "3".into(),
+            "--num-samples".into(),
+            "5".into(),
+            "--batch-size".into(),
+            "2".into(),
+            "--npz".into(),
+            npz.into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        let o = bin().args(&v).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    base(&p("all.npz"), &[]);
+    base(&p("s0.npz"), &["--shard", "0/2"]);
+    base(&p("s1.npz"), &["--shard", "1/2"]);
+    let o = run(&[
+        "merge-npz",
+        &p("s0.npz"),
+        &p("s1.npz"),
+        "--out",
+        &p("m.npz"),
+        "--expect",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let all = std::fs::read(p("all.npz")).unwrap();
+    assert_eq!(
+        all,
+        std::fs::read(p("m.npz")).unwrap(),
+        "sharded + merged differs"
+    );
+    let mut r = dydit::io::npz::NpzReader::open(std::path::Path::new(&p("all.npz"))).unwrap();
+    assert_eq!(r.shape, vec![5, 32, 32, 3]);
+    assert!(r.read_images(0, 5).unwrap().iter().any(|&b| b != 0));
+    // Bad input: a malformed shard spec, a wrong count, a non-npz part.
+    assert_clean_failure(
+        &run(&[
+            "sample",
+            "--ckpt",
+            ck.to_str().unwrap(),
+            "--npz",
+            &p("x.npz"),
+            "--shard",
+            "2/2",
+        ]),
+        "--shard",
+    );
+    assert_clean_failure(
+        &run(&[
+            "merge-npz",
+            &p("s0.npz"),
+            "--out",
+            &p("y.npz"),
+            "--expect",
+            "5",
+        ]),
+        "--expect 5",
+    );
+    assert_clean_failure(
+        &run(&["merge-npz", ck.to_str().unwrap(), "--out", &p("z.npz")]),
+        "zip",
+    );
+    assert!(!d.path().join("y.npz").exists() && !d.path().join("z.npz").exists());
+}

@@ -8,6 +8,7 @@ mod convert;
 mod flops;
 mod golden;
 mod inspect;
+mod merge_npz;
 mod plot_log;
 mod prepare_latents;
 mod sample;
@@ -44,6 +45,8 @@ enum Command {
     Train(train::Args),
     /// Fine-tune a DiT into a DyDiT toward a target FLOPs ratio (the official recipe); resumable.
     Finetune(train::Args),
+    /// Join the `.npz` shards of `sample --npz --shard i/n` into one file for the ADM evaluator.
+    MergeNpz(merge_npz::Args),
     /// Plot loss, FLOPs-ratio and gradient-norm curves of a training log (log.jsonl) to a PNG.
     PlotLog(plot_log::Args),
     /// Encode an image folder with the SD VAE once into a latent cache for training.
@@ -66,6 +69,7 @@ pub fn main() -> i32 {
         Command::Train(a) => train::run_train(a),
         Command::PrepareLatents(a) => prepare_latents::run(a),
         Command::PlotLog(a) => plot_log::run(a),
+        Command::MergeNpz(a) => merge_npz::run(a),
         Command::Finetune(a) => train::run_finetune(a),
     };
     match res {

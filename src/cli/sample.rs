@@ -33,9 +33,10 @@ pub struct Args {
     /// DDIM stochasticity (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// Classifier-free guidance scale (≤ 1 disables CFG).
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg_scale: f64,
+    /// Classifier-free guidance scale (≤ 1 disables CFG); default 4.0 for grids, 1.5 (the FID
+    /// protocol of the paper) with --npz.
+    #[arg(long)]
+    pub cfg_scale: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Images per forward batch (default: all at once).
@@ -63,9 +64,34 @@ pub struct Args {
     /// sent it through their MLP (averaged over steps), over the decoded image.
     #[arg(long)]
     pub token_maps: Option<PathBuf>,
+    /// Write `--num-samples` images as the `.npz` (uint8 NHWC under `arr_0`) that the ADM FID
+    /// evaluator reads, instead of a grid. Protocol defaults: 50000 samples, 250 DDPM steps, cfg
+    /// 1.5, classes balanced (sample k gets class k mod the class list).
+    #[arg(long)]
+    pub npz: Option<PathBuf>,
+    /// Number of samples for --npz (default 50000).
+    #[arg(long)]
+    pub num_samples: Option<usize>,
+    /// `i/n`: this process writes the i-th of n equal contiguous ranges of the samples (noise
+    /// seeded by the global sample index, so any split gives the same images); join the parts
+    /// with `dydit merge-npz`.
+    #[arg(long)]
+    pub shard: Option<String>,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `i/n` → (i, n), with 0 ≤ i < n.
+pub fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
+    let bad = || anyhow::anyhow!("--shard '{s}': expected i/n with 0 ≤ i < n, e.g. 0/8");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    anyhow::ensure!(n > 0 && i < n, bad());
+    Ok((i, n))
 }
 
 pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
@@ -75,10 +101,10 @@ pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
         "--num-steps {} exceeds the 1000 diffusion steps",
         a.num_steps
     );
-    anyhow::ensure!(
-        a.cfg_scale.is_finite(),
-        "--cfg-scale must be a finite number"
-    );
+    let cfg_scale = a
+        .cfg_scale
+        .unwrap_or(if a.npz.is_some() { 1.5 } else { 4.0 });
+    anyhow::ensure!(cfg_scale.is_finite(), "--cfg-scale must be a finite number");
     let steps = a
         .respacing
         .clone()
@@ -91,7 +117,7 @@ pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
             "ddim" => SamplerKind::Ddim { eta: a.eta },
             _ => SamplerKind::Ddpm,
         },
-        cfg_scale: a.cfg_scale,
+        cfg_scale,
         seed: a.seed,
     })
 }
@@ -99,7 +125,15 @@ pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     // Validate everything cheap before the expensive work.
     let spec = sampling_spec(&a)?;
-    crate::io::atomic::check_writable(&a.out)?;
+    let shard = a.shard.as_deref().map(parse_shard).transpose()?;
+    anyhow::ensure!(
+        a.npz.is_some() || (a.num_samples.is_none() && shard.is_none()),
+        "--num-samples and --shard write an .npz: add --npz FILE"
+    );
+    match &a.npz {
+        Some(p) => crate::io::atomic::check_writable(p)?,
+        None => crate::io::atomic::check_writable(&a.out)?,
+    }
     let ckpt = a
         .model
         .ckpt
@@ -140,6 +174,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         Engine::Static
     };
+    if let Some(npz) = &a.npz {
+        let classes = match &a.classes {
+            Some(s) => parse_classes(s, dit.cfg.num_classes, &lm.class_names)?,
+            None => (0..dit.cfg.num_classes as u32).collect(),
+        };
+        return write_npz(&a, npz, dit, vae.as_ref(), &classes, &spec, engine, shard);
+    }
     let bs = a.batch_size.unwrap_or(classes.len()).max(1);
     let total_steps = spec_steps(&spec)? * classes.len().div_ceil(bs);
     let pb = step_bar(total_steps, if dynamic { "DyDiT" } else { "DiT" });
@@ -207,7 +248,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 "classes": classes,
                 "steps": steps,
                 "sampler": a.sampler,
-                "cfg_scale": a.cfg_scale,
+                "cfg_scale": spec.cfg_scale,
                 "seed": a.seed,
                 "dynamic": dynamic,
                 "load_s": load_s,
@@ -234,7 +275,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             imgs.len(),
             steps,
             a.sampler,
-            a.cfg_scale,
+            spec.cfg_scale,
             sample_s,
             sample_s / total_steps as f64,
             if vae.is_some() {
@@ -246,6 +287,101 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// `--npz`: the samples of this shard, streamed into an ADM-evaluator `.npz`.
+#[allow(clippy::too_many_arguments)]
+fn write_npz(
+    a: &Args,
+    path: &std::path::Path,
+    dit: &crate::models::dit::Dit,
+    vae: Option<&crate::vae::Vae>,
+    classes: &[u32],
+    spec: &SamplingSpec,
+    engine: Engine,
+    shard: Option<(usize, usize)>,
+) -> anyhow::Result<i32> {
+    let total = a.num_samples.unwrap_or(50_000);
+    anyhow::ensure!(total > 0, "--num-samples must be at least 1");
+    let (i, n) = shard.unwrap_or((0, 1));
+    let (first, last) = (total * i / n, total * (i + 1) / n);
+    let count = last - first;
+    anyhow::ensure!(count > 0, "--shard {i}/{n} of {total} samples is empty");
+    let bs = a.batch_size.unwrap_or(16).max(1);
+    let steps = spec_steps(spec)?;
+    let pb = step_bar(
+        steps * count.div_ceil(bs),
+        if engine_is_dynamic(&engine) {
+            "DyDiT"
+        } else {
+            "DiT"
+        },
+    );
+    let t0 = Instant::now();
+    let mut w: Option<crate::io::npz::NpzWriter> = None;
+    let mut records = Vec::new();
+    let mut done_calls = 0;
+    let mut k = first;
+    while k < last {
+        let m = bs.min(last - k);
+        let labels: Vec<u32> = (k..k + m).map(|j| classes[j % classes.len()]).collect();
+        let g = generate(dit, &labels, k as u64, spec, engine, &mut |d, _| {
+            pb.set_position((done_calls + d) as u64)
+        })?;
+        done_calls += g.model_calls;
+        records.extend(g.records);
+        let px = match vae {
+            Some(v) => v.decode_latents(&g.latents)?,
+            None => g.latents,
+        };
+        let imgs = to_images(&px)?;
+        let (h, wd) = (imgs[0].height() as usize, imgs[0].width() as usize);
+        let writer = match &mut w {
+            Some(w) => w,
+            None => w.insert(crate::io::npz::NpzWriter::create(path, [count, h, wd, 3])?),
+        };
+        let bytes: Vec<u8> = imgs
+            .iter()
+            .flat_map(|im| im.as_raw().iter().copied())
+            .collect();
+        writer.write_images(&bytes)?;
+        k += m;
+    }
+    pb.finish_and_clear();
+    let out = w.expect("at least one batch").finish()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let fm = FlopsModel::new(&dit.cfg, dit.dynamic.map(|d| d.token_hidden));
+    let flops = engine_is_dynamic(&engine).then(|| run_flops(&fm, &records));
+    let summary = serde_json::json!({
+        "npz": out.display().to_string(),
+        "samples": count,
+        "range": [first, last],
+        "shard": [i, n],
+        "num_samples": total,
+        "steps": steps,
+        "sampler": a.sampler,
+        "cfg_scale": spec.cfg_scale,
+        "seed": spec.seed,
+        "classes": classes.len(),
+        "dynamic": engine_is_dynamic(&engine),
+        "seconds": secs,
+        "s_per_image": secs / count as f64,
+        "static_gflops": fm.static_total() / 1e9,
+        "dynamic_gflops": flops.as_ref().map(|f| f.dynamic_gflops),
+    });
+    if a.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "wrote samples {first}..{last} of {total} ({} steps {}, cfg {}, seed {}) to {} in {:.1} s ({:.3} s/image)",
+            steps, a.sampler, spec.cfg_scale, spec.seed, out.display(), secs, secs / count as f64
+        );
+    }
+    Ok(0)
+}
+
+fn engine_is_dynamic(e: &Engine) -> bool {
+    matches!(e, Engine::Dynamic(_))
 }
 
 fn spec_steps(spec: &SamplingSpec) -> anyhow::Result<usize> {

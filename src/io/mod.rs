@@ -3,3 +3,4 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod image;
+pub mod npz;
