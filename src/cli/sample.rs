@@ -47,6 +47,9 @@ pub struct Args {
     /// Images per grid row.
     #[arg(long, default_value_t = 4)]
     pub nrow: usize,
+    /// Plain grid without the class name under each image.
+    #[arg(long)]
+    pub no_labels: bool,
     /// DyDiT checkpoints: run the complete model instead of the dynamic one.
     #[arg(long = "static")]
     pub static_: bool,
@@ -212,7 +215,17 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let decode_s = t1.elapsed().as_secs_f64();
     let imgs = to_images(&pixels)?;
-    save_png(&grid(&imgs, a.nrow), &a.out)?;
+    let captions: Vec<String> = classes
+        .iter()
+        .filter_map(|&c| lm.class_names.get(c as usize))
+        .map(|n| n.split(',').next().unwrap_or(n).trim().to_string())
+        .collect();
+    let picture = if a.no_labels || captions.len() != imgs.len() {
+        grid(&imgs, a.nrow)
+    } else {
+        crate::viz::plots::labelled_grid(&imgs, &captions, a.nrow)
+    };
+    save_png(&picture, &a.out)?;
     if let Some(dir) = &a.token_maps {
         anyhow::ensure!(
             dynamic,

@@ -114,3 +114,34 @@ pub fn token_map(img: &RgbImage, counts: &[f32], g: usize, max: f32) -> RgbImage
     );
     c.img
 }
+
+/// A grid of samples with a caption under each (class names): images smaller than 96 px are
+/// enlarged by an integer factor (nearest neighbour) so that 28–64 px samples stay legible.
+pub fn labelled_grid(images: &[RgbImage], captions: &[String], nrow: usize) -> RgbImage {
+    let (w0, h0) = images.first().map(|i| i.dimensions()).unwrap_or((1, 1));
+    let f = 96u32.div_ceil(w0.max(1)).max(1);
+    let (w, h) = (w0 * f, h0 * f);
+    let longest = captions
+        .iter()
+        .map(|c| c.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    let cell_w = w.max(longest * 6 + 4);
+    let (pad, cap_h) = (4u32, 12u32);
+    let cols = nrow.clamp(1, images.len().max(1)) as u32;
+    let rows = (images.len() as u32).div_ceil(cols).max(1);
+    let mut c = Canvas::new(cols * (cell_w + pad) + pad, rows * (h + cap_h + pad) + pad);
+    for (k, img) in images.iter().enumerate() {
+        let (cx, cy) = (k as u32 % cols, k as u32 / cols);
+        let x0 = pad + cx * (cell_w + pad) + (cell_w - w) / 2;
+        let y0 = pad + cy * (h + cap_h + pad);
+        let big = image::imageops::resize(img, w, h, image::imageops::FilterType::Nearest);
+        image::imageops::replace(&mut c.img, &big, x0 as i64, y0 as i64);
+        if let Some(cap) = captions.get(k) {
+            let tw = Canvas::text_width(cap, 1);
+            let tx = (pad + cx * (cell_w + pad)) as i64 + (cell_w as i64 - tw) / 2;
+            c.text(tx, (y0 + h + 3) as i64, cap, 1, BLACK);
+        }
+    }
+    c.img
+}
