@@ -137,6 +137,7 @@ def main():
     ap.add_argument("--train", action="store_true")
     a = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)
     if a.train:
         return bench_train(a)
     for name in a.model.split(","):

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod data;
 pub mod diffusion;
 pub mod dynamic;
+pub mod eval;
 pub mod golden;
 pub mod io;
 pub mod labels;

@@ -26,6 +26,7 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    flush_denormals();
     // Die quietly on a closed pipe (`dydit flops --all | head`) like other Unix tools, instead
     // of panicking inside println!.
     #[cfg(unix)]
@@ -34,4 +35,19 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     std::process::exit(dydit::cli::main());
+}
+
+/// Flush-to-zero and denormals-are-zero for this thread and the threads it starts (POSIX threads
+/// inherit the floating-point environment). Training drives AdamW's second moments and tiny
+/// gradients into the subnormal range, where each operation costs ~100 cycles; values below
+/// 1.2e-38 are far under every tolerance here. (PyTorch measured 25× faster on the same
+/// training step with `torch.set_flush_denormal(True)`.)
+fn flush_denormals() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only sets the FTZ (bit 15) and DAZ (bit 6) flags of MXCSR; SSE2 is baseline on x86-64.
+    #[allow(deprecated)]
+    unsafe {
+        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+        _mm_setcsr(_mm_getcsr() | 0x8040);
+    }
 }

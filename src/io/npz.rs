@@ -89,7 +89,7 @@ impl NpzWriter {
     pub fn write_images(&mut self, data: &[u8]) -> anyhow::Result<()> {
         let per = self.shape[1] * self.shape[2] * self.shape[3];
         ensure!(
-            data.len() % per == 0,
+            data.len().is_multiple_of(per),
             "npz: {} bytes is not a whole number of images",
             data.len()
         );

@@ -10,6 +10,11 @@
 //! Which weights are returned follows the upstream DiT/DyDiT loaders: a training checkpoint's
 //! `ema` dict if present, else `model`, else `module` (DeepSpeed) or `state_dict`, else the top-level
 //! dict itself. Non-tensor entries (optimizer state, `argparse.Namespace`, numbers) are skipped.
+//!
+//! TorchScript archives (`torch.jit.save`) share the zip layout but pickle a tree of
+//! `__torch__.*` module objects instead of a dict; [`read_torchscript`] reads that tree as data
+//! (parameters, buffers and plain attributes such as a conv's `stride`/`padding`), again without
+//! running any of the archive's code.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +25,10 @@ use std::io;
 use std::path::Path;
 
 mod pickle;
+mod script;
 mod zip;
+
+pub use script::{read_torchscript, read_torchscript_bytes, Attr, ScriptModule};
 
 use pickle::{Obj, Pickle, TensorRef, Value};
 use zip::{Archive, BytesSource, FileSource, Source};
@@ -324,6 +332,41 @@ const EXPANSION_LIMIT: u64 = 16;
 const MAX_NESTING: usize = 1;
 
 fn load(src: &dyn Source, key: Option<&str>) -> Result<Checkpoint, Bad> {
+    with_pickle(src, |store, p, name_budget, is_torchscript| {
+        let sel = select(p, key, name_budget).map_err(|e| {
+            if is_torchscript && matches!(e.kind, Kind::NoTensors) {
+                Bad::unsupported(
+                    "this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint; \
+                     read it with ptfile::read_torchscript (or load it with torch.jit.load and \
+                     save its state_dict())",
+                )
+            } else {
+                e
+            }
+        })?;
+
+        let mut budget = src.len().saturating_mul(EXPANSION_LIMIT);
+        let mut tensors = Vec::with_capacity(sel.tensors.len());
+        for (name, t) in sel.tensors {
+            let raw = store.tensor(p, &name, t, &mut budget)?;
+            tensors.push((name, raw));
+        }
+        Ok(Checkpoint {
+            tensors,
+            container: sel.container,
+            other_top_level_keys: sel.other_keys,
+        })
+    })
+}
+
+/// Opens the archive, checks its byte order, unpickles `data.pkl` and hands the pieces to `f`:
+/// the storage reader, the pickle, a budget for the total length of tensor names (bounded by the
+/// pickle's size, so shared references cannot multiply work), and whether the archive is a
+/// TorchScript one (it has `constants.pkl`). Shared by [`read_pt`] and [`read_torchscript`].
+pub(crate) fn with_pickle<T>(
+    src: &dyn Source,
+    f: impl FnOnce(&mut Store<'_>, &Pickle, u64, bool) -> Result<T, Bad>,
+) -> Result<T, Bad> {
     let archive = Archive::open(src)?;
     let prefix = find_prefix(&archive)?;
     let mut store = Store {
@@ -357,28 +400,7 @@ fn load(src: &dyn Source, key: Option<&str>) -> Result<Checkpoint, Bad> {
     let p = pickle::load(&pkl)?;
     let name_budget = (pkl.len() as u64).saturating_mul(8).saturating_add(1 << 16);
     let is_torchscript = archive.find(&format!("{prefix}constants.pkl")).is_some();
-    let sel = select(&p, key, name_budget).map_err(|e| {
-        if is_torchscript && matches!(e.kind, Kind::NoTensors) {
-            Bad::unsupported(
-                "this is a TorchScript archive (torch.jit.save), not a torch.save checkpoint; \
-                 load it with torch.jit.load and save its state_dict()",
-            )
-        } else {
-            e
-        }
-    })?;
-
-    let mut budget = src.len().saturating_mul(EXPANSION_LIMIT);
-    let mut tensors = Vec::with_capacity(sel.tensors.len());
-    for (name, t) in sel.tensors {
-        let raw = store.tensor(&p, &name, t, &mut budget)?;
-        tensors.push((name, raw));
-    }
-    Ok(Checkpoint {
-        tensors,
-        container: sel.container,
-        other_top_level_keys: sel.other_keys,
-    })
+    f(&mut store, &p, name_budget, is_torchscript)
 }
 
 /// The archive's top folder (the file stem at save time): the one holding `data.pkl`.
@@ -400,7 +422,7 @@ fn find_prefix(archive: &Archive) -> Result<String, Bad> {
 }
 
 /// Reads storages out of the archive, checking each entry's CRC once.
-struct Store<'a> {
+pub(crate) struct Store<'a> {
     src: &'a dyn Source,
     archive: &'a Archive,
     prefix: &'a str,
@@ -811,7 +833,7 @@ impl<'p> Flattener<'p> {
                 self.out.push((name.to_owned(), t));
             }
             (Value::Ref(id), Some(Obj::Dict(_))) => self.dict(id, name, depth + 1)?,
-            (_, Some(Obj::Object { class })) => {
+            (_, Some(Obj::Object { class, .. })) => {
                 if let Some((m, n)) = p.global(*class) {
                     if m.starts_with("torch") && n.starts_with("_rebuild") {
                         return Err(Bad::unsupported(format!(

@@ -1,6 +1,7 @@
 //! A restricted unpickler: it interprets the opcodes `torch.save` emits as pure data and never
 //! imports or calls anything. `GLOBAL`/`REDUCE`/`NEWOBJ` become data, except for the handful of
-//! torch rebuild functions that are recognised and decoded into tensor descriptions.
+//! torch rebuild functions that are recognised and decoded into tensor descriptions (and
+//! TorchScript's `torch.jit._pickle.build_*list` wrappers, which return their argument).
 //!
 //! Everything lives in one arena addressed by `u32` ids, and `Value` is `Copy`: memo hits and
 //! `DUP` are O(1), nesting never recurses (so deep or cyclic structures can't overflow the stack
@@ -97,9 +98,13 @@ pub(crate) enum Obj {
     },
     Storage(Storage),
     Tensor(TensorRef),
-    /// Anything else (`argparse.Namespace`, numpy scalars, ...): kept as inert data.
+    /// Anything else (`argparse.Namespace`, numpy scalars, TorchScript modules, ...): kept as
+    /// inert data. `state` is what the first `BUILD` gave it (never applied, only recorded), so
+    /// a TorchScript module's attributes (its submodules, parameters and ints such as a conv's
+    /// stride) can be read back as plain data.
     Object {
         class: Value,
+        state: Option<Value>,
     },
 }
 
@@ -169,7 +174,7 @@ impl Pickle {
                 Some(Obj::Global { .. }) => "a class or function reference".into(),
                 Some(Obj::Storage(_)) => "a storage".into(),
                 Some(Obj::Tensor(_)) => "a tensor".into(),
-                Some(Obj::Object { class }) => match self.global(*class) {
+                Some(Obj::Object { class, .. }) => match self.global(*class) {
                     Some((m, n)) => format!("a {}.{} object", show(m), show(n)),
                     None => "an object".into(),
                 },
@@ -592,9 +597,18 @@ impl Vm<'_> {
                     self.push(v);
                 }
                 b'b' => {
-                    // BUILD: the state of opaque objects is not needed; drop it.
-                    let _state = self.pop()?;
-                    self.top()?;
+                    // BUILD: `obj.__setstate__(state)` is never run; an inert object records
+                    // its first state as data (a TorchScript module's attribute dict), every
+                    // other target drops it. Storing a `Value` is O(1), so repeated BUILDs
+                    // cannot amplify memory.
+                    let state = self.pop()?;
+                    let target = self.top()?;
+                    if let Some(Obj::Object {
+                        state: slot @ None, ..
+                    }) = self.obj_mut(target)
+                    {
+                        *slot = Some(state);
+                    }
                 }
                 b'Q' => {
                     let pid = self.pop()?;
@@ -647,14 +661,17 @@ impl Vm<'_> {
                 return self.alloc(Obj::Dict(Dict::default()));
             }
         }
-        self.alloc(Obj::Object { class })
+        self.alloc(Obj::Object { class, state: None })
     }
 
     /// REDUCE: `func(*args)`, evaluated only for the known torch rebuild functions and dict
     /// constructors; every other call becomes an inert object.
     fn call(&mut self, func: Value, args: Value, depth: u32) -> Result<Value, Bad> {
         let Some((m, n)) = self.global_name(func) else {
-            return Ok(self.alloc(Obj::Object { class: func }));
+            return Ok(self.alloc(Obj::Object {
+                class: func,
+                state: None,
+            }));
         };
         let known = matches!(
             (m, n),
@@ -668,13 +685,33 @@ impl Vm<'_> {
             ) | ("torch._tensor", "_rebuild_from_type_v2")
                 | ("torch", "Size")
         );
+        if m == "torch.jit._pickle"
+            && matches!(
+                n,
+                "build_intlist"
+                    | "build_doublelist"
+                    | "build_boollist"
+                    | "build_tensorlist"
+                    | "restore_type_tag"
+            )
+        {
+            // TorchScript wraps typed lists (`List[int]` attributes such as a conv's padding) and
+            // type-tagged values in these helpers; each returns its first argument unchanged.
+            return match self.tuple_items(args).and_then(|a| a.first().copied()) {
+                Some(v) => Ok(v),
+                None => Err(self.err(format!("{m}.{n} without an argument"))),
+            };
+        }
         if is_dict_class(m, n) {
             // OrderedDict.__reduce__ gives `OrderedDict()` followed by SETITEMS; the items are
             // never passed as arguments, so they need not be read (no work for a hostile arg).
             return Ok(self.alloc(Obj::Dict(Dict::default())));
         }
         if !known {
-            return Ok(self.alloc(Obj::Object { class: func }));
+            return Ok(self.alloc(Obj::Object {
+                class: func,
+                state: None,
+            }));
         }
         let (m, n) = (m.to_owned(), n.to_owned());
         // Only the first few arguments are ever used: copying at most 8 keeps a REDUCE O(1) even
@@ -704,7 +741,10 @@ impl Vm<'_> {
                 Some(&t) => Ok(t),
                 None => Err(self.err("torch.Size without arguments")),
             },
-            _ => Ok(self.alloc(Obj::Object { class: func })),
+            _ => Ok(self.alloc(Obj::Object {
+                class: func,
+                state: None,
+            })),
         }
     }
 
