@@ -376,3 +376,65 @@ fn bad_input_gives_one_clear_error() {
         "--target-ratio",
     );
 }
+
+/// `dydit eval` samples with its protocol and writes FID + protocol; needs the FID weights
+/// (scripts/setup-fid.sh), skipped without them.
+#[test]
+fn eval_writes_fid_and_protocol() {
+    if dydit::eval::inception::find_weights().is_err() {
+        eprintln!("skipping: FID weights not set up (scripts/setup-fid.sh)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let data = data.to_str().unwrap();
+    let run_dir = d.path().join("r");
+    let mut args = vec![
+        "train",
+        "--data",
+        data,
+        "--steps",
+        "1",
+        "--out",
+        run_dir.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    ok(&run(&args));
+    let out = d.path().join("eval.json");
+    let grid = d.path().join("g.png");
+    let o = ok(&run(&[
+        "eval",
+        "--ckpt",
+        run_dir.join("model.safetensors").to_str().unwrap(),
+        "--num-samples",
+        "4",
+        "--num-steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--real",
+        data,
+        "--out",
+        out.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+    ]));
+    assert!(o.contains("FID"), "{o}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(v["fid"].as_f64().unwrap().is_finite());
+    assert_eq!(v["protocol"]["num_samples"], 4);
+    assert_eq!(v["protocol"]["num_steps"], 2);
+    assert_eq!(v["protocol"]["cfg_scale"], 1.5);
+    assert!(grid.exists());
+    assert_clean_failure(
+        &run(&[
+            "eval",
+            "--ckpt",
+            run_dir.join("model.safetensors").to_str().unwrap(),
+            "--num-samples",
+            "1",
+        ]),
+        "--num-samples",
+    );
+}

@@ -135,12 +135,12 @@ fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The statistics of one set, and how they were obtained.
-struct SetStats {
-    stats: FeatureStats,
-    source: String,
+pub(crate) struct SetStats {
+    pub(crate) stats: FeatureStats,
+    pub(crate) source: String,
     /// Images pushed through the network (0 for cached statistics) and the seconds it took.
-    computed: usize,
-    seconds: f64,
+    pub(crate) computed: usize,
+    pub(crate) seconds: f64,
 }
 
 fn progress(total: usize, what: &str) -> ProgressBar {
@@ -155,7 +155,7 @@ fn progress(total: usize, what: &str) -> ProgressBar {
 }
 
 /// Features of every image of `src` through `net`, `batch` at a time.
-fn set_stats(
+pub(crate) fn set_stats(
     net: &FidInception,
     path: &Path,
     batch: usize,

