@@ -147,6 +147,9 @@ pub fn generate(
             &sched,
             spec.sampler,
             var,
+            // Pixel-space models (no VAE) clamp x₀ to the data range, as ADM samples them;
+            // latent models do not, as DiT samples them.
+            dit.cfg.in_channels != 4,
             &mut den,
             x0.clone(),
             &mut noise,

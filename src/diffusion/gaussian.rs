@@ -21,12 +21,15 @@ pub struct PosteriorPrediction {
 }
 
 /// `p_mean_variance` for ε-prediction. `model_out` is `[B, C(·2), H, W]`; `x` is `[B, C, H, W]`.
+/// `clip_denoised` clamps the predicted x₀ to [−1, 1] before the posterior mean (ADM's pixel-space
+/// sampling; DiT samples latents without it).
 pub fn p_mean_variance(
     s: &Schedule,
     var: VarianceKind,
     model_out: &Tensor,
     x: &Tensor,
     i: usize,
+    clip_denoised: bool,
 ) -> Result<PosteriorPrediction> {
     let c = x.dim(1)?;
     let eps = model_out.narrow(1, 0, c)?;
@@ -49,6 +52,11 @@ pub fn p_mean_variance(
     };
     let pred_xstart = ((x * s.sqrt_recip_alphas_cumprod[i] as f32 as f64)?
         - (&eps * s.sqrt_recipm1_alphas_cumprod[i] as f32 as f64)?)?;
+    let pred_xstart = if clip_denoised {
+        pred_xstart.clamp(-1f32, 1f32)?
+    } else {
+        pred_xstart
+    };
     let mean = q_posterior_mean(s, &pred_xstart, x, i)?;
     Ok(PosteriorPrediction {
         mean,
@@ -94,4 +102,23 @@ pub fn ddim_step(
         return Ok(mean);
     }
     mean + (noise * sigma as f64)?
+}
+
+#[cfg(test)]
+mod clip_tests {
+    use super::*;
+    use candle::Device;
+
+    #[test]
+    fn clip_denoised_bounds_the_predicted_x0() {
+        let s = Schedule::new("50").unwrap();
+        let x = Tensor::new(&[[[[3.0f32]]]], &Device::Cpu).unwrap();
+        let out = Tensor::new(&[[[[-2.0f32]], [[0.0]]]], &Device::Cpu).unwrap();
+        let free = p_mean_variance(&s, VarianceKind::LearnedRange, &out, &x, 10, false).unwrap();
+        let clip = p_mean_variance(&s, VarianceKind::LearnedRange, &out, &x, 10, true).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!(v(&free.pred_xstart) > 1.0);
+        assert_eq!(v(&clip.pred_xstart), 1.0);
+        assert!(v(&clip.mean) < v(&free.mean));
+    }
 }

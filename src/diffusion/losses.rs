@@ -89,6 +89,7 @@ pub fn training_losses(
             &slice(&frozen)?,
             &slice(x_t)?,
             ti,
+            false,
         )?;
         let true_mean = q_posterior_mean(s, &slice(x0)?, &slice(x_t)?, ti)?;
         let row = if ti == 0 {

@@ -75,10 +75,12 @@ pub struct StepRecord<'a> {
 }
 
 /// Runs the reverse process from `x` (pure noise at the last step) down to step 0.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_loop(
     sched: &Schedule,
     kind: SamplerKind,
     var: VarianceKind,
+    clip_denoised: bool,
     model: &mut dyn Denoiser,
     mut x: Tensor,
     noise: &mut dyn NoiseSource,
@@ -88,7 +90,7 @@ pub fn sample_loop(
     for (call, i) in (0..n).rev().enumerate() {
         let t = sched.timestep_map[i];
         let out = model.denoise(&x, t as f32)?;
-        let p = p_mean_variance(sched, var, &out, &x, i)?;
+        let p = p_mean_variance(sched, var, &out, &x, i, clip_denoised)?;
         let z = noise.normal(x.dims(), x.device())?.to_dtype(x.dtype())?;
         x = match kind {
             SamplerKind::Ddpm => ddpm_step(&p, &z, i)?,

@@ -231,6 +231,7 @@ fn sample(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
             &sched,
             kind,
             var,
+            false,
             &mut den,
             x0.clone(),
             &mut noise_src,
