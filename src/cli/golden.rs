@@ -28,12 +28,16 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
         if !o.supported && a.skip_unsupported {
             if !a.json {
-                println!(
-                    "SKIP {} {} (kind not implemented; supported: {})",
-                    o.file,
-                    o.kind,
-                    supported_kinds().join(", ")
-                );
+                // A supported kind can still be skipped when it needs set-up (the FID weights).
+                let why = if supported_kinds().contains(&o.kind.as_str()) {
+                    o.error.clone().unwrap_or_else(|| "not set up".into())
+                } else {
+                    format!(
+                        "kind not implemented; supported: {}",
+                        supported_kinds().join(", ")
+                    )
+                };
+                println!("SKIP {} {} ({why})", o.file, o.kind);
             }
             continue;
         }
