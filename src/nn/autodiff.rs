@@ -7,7 +7,7 @@
 //! back to the composites, which candle differentiates itself.
 
 use super::kernels::{
-    exp_approx, f32_slice, gelu_slice, lane_sum, ln_mod_row, row_sum, softmax_row, CHUNK, LANES,
+    exp_approx, f32_slice, gelu_slice, lane_sum, row_sum, softmax_row, CHUNK, LANES,
 };
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -397,6 +397,7 @@ impl CustomOp3 for LayerNormModulate {
     fn name(&self) -> &'static str {
         "dydit-ln-modulate-diff"
     }
+    /// The inference kernel's forward; this op adds the backward.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -406,21 +407,7 @@ impl CustomOp3 for LayerNormModulate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "ln-modulate")?;
-        let shift = f32_slice(s2, l2, "ln-modulate")?;
-        let scale = f32_slice(s3, l3, "ln-modulate")?;
-        let (n, c) = (l1.dims()[1], l1.dims()[2]);
-        let eps = self.eps;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(c)
-            .zip(x.par_chunks(c))
-            .enumerate()
-            .for_each(|(i, (o, r))| {
-                let b = i / n;
-                let (sh, sc) = (&shift[b * c..(b + 1) * c], &scale[b * c..(b + 1) * c]);
-                ln_mod_row(r, o, sh, sc, eps);
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        super::kernels::LayerNormModulate { eps: self.eps }.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
     fn bwd(
         &self,

@@ -385,8 +385,8 @@ pub fn gated_residual(
 }
 
 /// `LN(x)·(1 + scale_b) + shift_b` for x `[B, N, C]`, shift/scale `[B, C]`: one pass per token.
-struct LayerNormModulate {
-    eps: f32,
+pub(crate) struct LayerNormModulate {
+    pub(crate) eps: f32,
 }
 
 impl CustomOp3 for LayerNormModulate {
@@ -445,7 +445,7 @@ fn ln_mod_row_impl(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     }
 }
 
-pub(crate) fn ln_mod_row(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
+fn ln_mod_row(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
