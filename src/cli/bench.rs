@@ -51,6 +51,17 @@ pub struct Args {
     /// (default: a quarter of the block weights).
     #[arg(long)]
     pub cache_mib: Option<usize>,
+    /// Time whole sampling runs of these checkpoints (comma separated; files or bundled names),
+    /// interleaved; the speedup is relative to the first. Uses --batch (one size, default 64),
+    /// --grid-steps, --sampler and --cfg-scale.
+    #[arg(long)]
+    pub ckpt: Option<String>,
+    /// Sampler of the --ckpt runs.
+    #[arg(long, default_value = "ddpm", value_parser = ["ddpm", "ddim"])]
+    pub sampler: String,
+    /// Guidance of the --ckpt runs.
+    #[arg(long, default_value_t = 1.5)]
+    pub cfg_scale: f64,
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
@@ -74,6 +85,9 @@ pub fn parse_list<T: std::str::FromStr>(s: &str, flag: &str) -> anyhow::Result<V
 pub fn run(a: Args) -> anyhow::Result<i32> {
     if a.train {
         return super::bench_train::run(a);
+    }
+    if let Some(c) = a.ckpt.clone() {
+        return super::bench_sample::run(a, &c);
     }
     if a.dynamic {
         return run_dynamic(a);

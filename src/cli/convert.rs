@@ -22,6 +22,10 @@ pub struct Args {
     /// Seed of the fresh router weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Store the floating-point tensors in this dtype (f16 halves an f32 checkpoint; inference
+    /// loads it back into the compute dtype).
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -59,6 +63,15 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     for (k, v) in &ck.metadata {
         meta.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    if let Some(d) = &a.dtype {
+        let to = crate::cli::common::dtype(d);
+        for t in ck.tensors.values_mut() {
+            if t.dtype().is_float() {
+                *t = t.to_dtype(to)?;
+            }
+        }
+        meta.insert("dydit.dtype".into(), d.clone());
     }
     save_safetensors(&a.output, &ck.tensors, &meta)?;
     println!(

@@ -44,9 +44,10 @@ pub struct Args {
     pub batch_size: Option<usize>,
     #[arg(long, default_value = "sample.png")]
     pub out: PathBuf,
-    /// Images per grid row.
-    #[arg(long, default_value_t = 4)]
-    pub nrow: usize,
+    /// Images per grid row (default 4; one column per class for the default class list of a model
+    /// with at most 10 classes).
+    #[arg(long)]
+    pub nrow: Option<usize>,
     /// Plain grid without the class name under each image.
     #[arg(long)]
     pub no_labels: bool,
@@ -137,11 +138,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Some(p) => crate::io::atomic::check_writable(p)?,
         None => crate::io::atomic::check_writable(&a.out)?,
     }
-    let ckpt = a
-        .model
-        .ckpt
-        .clone()
-        .context("--ckpt is required (a DiT/DyDiT checkpoint)")?;
+    let ckpt = match &a.model.ckpt {
+        Some(c) => c.clone(),
+        None => {
+            let b = crate::io::bundled::find(crate::io::bundled::DEFAULT)
+                .context("no bundled default model")?;
+            eprintln!(
+                "no --ckpt: sampling the bundled {} ({}); pass --ckpt FILE, or --ckpt NAME of a \
+                 bundled model ({})",
+                b.name,
+                b.about,
+                crate::io::bundled::names()
+            );
+            PathBuf::from(b.name)
+        }
+    };
     let dev = device(a.model.cpu)?;
     let t_load = Instant::now();
     let lm = load_model(
@@ -163,8 +174,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let classes = match &a.classes {
         Some(s) => parse_classes(s, dit.cfg.num_classes, &lm.class_names)?,
         None if dit.cfg.num_classes == 1000 => vec![207, 360, 387, 974, 88, 979, 417, 279],
+        // Small label sets (Fashion-MNIST): every class twice, one column per class.
+        None if dit.cfg.num_classes <= 10 => {
+            let n = dit.cfg.num_classes as u32;
+            (0..n).chain(0..n).collect()
+        }
         None => (0..dit.cfg.num_classes.min(8) as u32).collect(),
     };
+    let nrow = a.nrow.unwrap_or(match &a.classes {
+        None if dit.cfg.num_classes <= 10 => dit.cfg.num_classes,
+        _ => 4,
+    });
+    anyhow::ensure!(nrow > 0, "--nrow must be at least 1");
     let load_s = t_load.elapsed().as_secs_f64();
 
     let dynamic = dit.dynamic.is_some() && !a.static_;
@@ -221,9 +242,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .map(|n| n.split(',').next().unwrap_or(n).trim().to_string())
         .collect();
     let picture = if a.no_labels || captions.len() != imgs.len() {
-        grid(&imgs, a.nrow)
+        grid(&imgs, nrow)
     } else {
-        crate::viz::plots::labelled_grid(&imgs, &captions, a.nrow)
+        crate::viz::plots::labelled_grid(&imgs, &captions, nrow)
     };
     save_png(&picture, &a.out)?;
     if let Some(dir) = &a.token_maps {

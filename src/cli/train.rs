@@ -93,6 +93,10 @@ pub struct Overrides {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub importance_batches: Option<usize>,
+    /// Learning rate of the routers (default: --lr); short fine-tunes need a larger one.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_lr: Option<f64>,
     /// Total iterations of the run.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

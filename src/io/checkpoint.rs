@@ -19,9 +19,22 @@ pub struct Checkpoint {
 
 /// Loads `.pt`/`.pth`/`.bin` through the safe unpickler and anything else as safetensors (the
 /// format is sniffed from the content, not trusted from the extension).
+/// A path that does not exist but names a model embedded in the binary (see [`super::bundled`])
+/// loads that model.
 pub fn load(path: &Path) -> anyhow::Result<Checkpoint> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    if !path.exists() {
+        if let Some(b) = path.to_str().and_then(super::bundled::find) {
+            let name = PathBuf::from(format!("bundled:{}", b.name));
+            return load_safetensors_bytes(b.bytes, &name);
+        }
+    }
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read checkpoint {} (not a file, nor a bundled model: {})",
+            path.display(),
+            super::bundled::names()
+        )
+    })?;
     if bytes.starts_with(b"PK") {
         load_pt_bytes(&bytes, path)
     } else {

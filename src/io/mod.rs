@@ -1,6 +1,7 @@
 //! File formats: checkpoints, atomic output, images.
 
 pub mod atomic;
+pub mod bundled;
 pub mod checkpoint;
 pub mod image;
 pub mod npz;

@@ -55,6 +55,10 @@ pub struct TrainConfig {
     pub reorder_by_importance: bool,
     /// Batches used to estimate the importance.
     pub importance_batches: usize,
+    /// Learning rate of the router parameters (default: `lr`). Fresh routers start saturated
+    /// (TDW bias 15, token bias 35) and the recipe's 1e-4 needs its ~100k steps to move them;
+    /// a short fine-tune needs a larger router rate.
+    pub router_lr: Option<f64>,
 
     // --- optimisation ---
     pub steps: u64,
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
             router_format: "new".into(),
             reorder_by_importance: false,
             importance_batches: 8,
+            router_lr: None,
             steps: 10_000,
             batch_size: 32,
             lr: 1e-4,

@@ -46,6 +46,8 @@ pub struct AdamW {
     pub step: u64,
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    /// Per-variable learning-rate multiplier (1 by default; e.g. routers in a short fine-tune).
+    pub lr_scale: Vec<f64>,
 }
 
 fn vec_of(t: &Tensor) -> candle::Result<Vec<f32>> {
@@ -60,6 +62,7 @@ impl AdamW {
             step: 0,
             m: zeros(),
             v: zeros(),
+            lr_scale: vec![1.0; vars.len()],
         }
     }
 
@@ -69,12 +72,13 @@ impl AdamW {
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = (c.lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let decay = (1.0 - c.lr * c.weight_decay) as f32;
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
+            let lr = c.lr * self.lr_scale.get(i).copied().unwrap_or(1.0);
+            let step_size = (lr / bc1) as f32;
+            let decay = (1.0 - lr * c.weight_decay) as f32;
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             let update = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
                 p.par_iter_mut()
@@ -196,6 +200,35 @@ mod tests {
         }
         let got = var.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
         assert!((got - p).abs() < 1e-6, "{got} vs {p}");
+    }
+
+    #[test]
+    fn per_variable_lr_scale() {
+        // Adam's first step moves every coordinate by lr (up to eps): a ×10 scale moves ×10.
+        let dev = Device::Cpu;
+        let vars = [
+            Var::new(&[0.0f32], &dev).unwrap(),
+            Var::new(&[0.0f32], &dev).unwrap(),
+        ];
+        let cfg = AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-12,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(cfg, &vars);
+        opt.lr_scale[1] = 10.0;
+        let g = Some(Tensor::new(&[0.3f32], &dev).unwrap());
+        opt.update(&vars, &[g.clone(), g]).unwrap();
+        let p: Vec<f32> = vars
+            .iter()
+            .map(|v| v.as_tensor().to_vec1::<f32>().unwrap()[0])
+            .collect();
+        assert!(
+            (p[0] + 1e-3).abs() < 1e-7 && (p[1] + 1e-2).abs() < 1e-6,
+            "{p:?}"
+        );
     }
 
     #[test]

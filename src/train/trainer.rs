@@ -29,6 +29,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Router parameters (TDW head/group routers and token routers), by upstream name.
+pub fn is_router(name: &str) -> bool {
+    name.contains("attn_rate.router")
+        || name.contains("mlp_rate.router")
+        || name.contains("token_selection")
+}
+
 /// SplitMix64: decorrelates the seeds of neighbouring steps and streams.
 pub fn mix(a: u64, b: u64) -> u64 {
     let mut z = a
@@ -226,6 +233,14 @@ impl Trainer {
             },
             &params.vars,
         );
+        let mut opt = opt;
+        if let Some(r) = cfg.router_lr {
+            for (scale, name) in opt.lr_scale.iter_mut().zip(&params.names) {
+                if is_router(name) {
+                    *scale = r / cfg.lr;
+                }
+            }
+        }
         let ema = Ema::new(cfg.ema_decay, &params.vars)?;
         let sched = Schedule::respaced(&linear_betas(cfg.diffusion_steps), "")?;
         let flops = params.dynamic.map(|_| FlopsLoss {
