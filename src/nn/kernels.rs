@@ -16,8 +16,12 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 #[inline(always)]
 pub(crate) fn exp_approx(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // x = n·ln2 + r, |r| ≤ ln2/2
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // x = n·ln2 + r, |r| ≤ ln2/2. n by the 1.5·2²³ trick: adding it rounds to an integer that
+    // then sits in the low mantissa bits, so neither `round` nor a saturating `as i32` cast (both
+    // scalarise the loop) is needed.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // Cephes expf polynomial
     let mut p = 1.987_569_1e-4f32;
@@ -27,8 +31,8 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // 2^n via the exponent bits
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n via the exponent bits: the low bits of t hold n (two's complement, |n| ≤ 126).
+    let bits = (t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23;
     y * f32::from_bits(bits)
 }
 
@@ -158,17 +162,22 @@ impl InplaceOp2 for BiasAdd {
     ) -> Result<()> {
         let bias = f32_slice(s2, l2, "bias add")?;
         let y = f32_slice_mut(s1, l1, "bias add")?;
-        let n = bias.len();
-        let rows_per = (CHUNK / n.max(1)).max(1);
-        y.par_chunks_mut(rows_per * n).for_each(|blk| {
-            for row in blk.chunks_exact_mut(n) {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
-        });
+        bias_add_rows(y, bias);
         Ok(())
     }
+}
+
+/// `y` viewed as rows of `bias.len()`: every row += bias, in parallel chunks.
+pub(crate) fn bias_add_rows(y: &mut [f32], bias: &[f32]) {
+    let n = bias.len();
+    let rows_per = (CHUNK / n.max(1)).max(1);
+    y.par_chunks_mut(rows_per * n.max(1)).for_each(|blk| {
+        for row in blk.chunks_exact_mut(n.max(1)) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    });
 }
 
 /// `y [M, N] += bias [N]` in place on a freshly computed product (one pass, no allocation).
