@@ -23,7 +23,7 @@ DATA=(--data "$F/train-images-idx3-ubyte.gz" --pad-to 32)
 # One sampling protocol for every row: DDPM with 50 respaced steps, cfg 1.5, seed 0, classes
 # balanced, 10k samples, FID against the 10k test images.
 PROTO=(--num-samples "$FID_N" --num-steps "$FID_STEPS" --sampler ddpm --cfg-scale 1.5 --seed 0
-       --batch-size 100)
+       --batch-size 40)
 
 [ -x "$D" ] || cargo build --release
 
@@ -67,7 +67,7 @@ eval_all() {
 bench() {
     local list="$R/fmnist-dit/model.safetensors"
     for l in $LAMBDAS; do list="$list,$R/fmnist-dydit-$l/model.safetensors"; done
-    "$D" bench --ckpt "$list" --batch 100 --grid-steps "$FID_STEPS" --cfg-scale 1.5 --runs 3 \
+    "$D" bench --ckpt "$list" --batch 40 --grid-steps "$FID_STEPS" --cfg-scale 1.5 --runs 3 \
         --json | tee "$R/eval/bench.jsonl"
 }
 

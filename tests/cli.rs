@@ -338,7 +338,8 @@ fn inspect_plots_widths_and_token_maps_are_written() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let files: Vec<_> = std::fs::read_dir(&maps).unwrap().collect();
-    assert_eq!(files.len(), 2);
+    assert_eq!(files.len(), 3, "two maps and the sheet");
+    assert!(maps.join("all.png").is_file());
 }
 
 #[test]

@@ -255,6 +255,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --token-maps dir {}", dir.display()))?;
         let g = dit.cfg.grid();
+        let (mut maps, mut names) = (Vec::new(), Vec::new());
         for (i, (img, counts)) in imgs.iter().zip(&token_counts).enumerate() {
             let map = crate::viz::plots::token_map(img, counts, g, dit.cfg.depth as f32);
             let name = lm
@@ -266,7 +267,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 &map,
                 &dir.join(format!("sample_{i:03}_{}.png", sanitize(&name))),
             )?;
+            maps.push(map);
+            names.push(name);
         }
+        // All maps on one labelled sheet, for reports.
+        save_png(
+            &crate::viz::plots::labelled_grid(&maps, &names, nrow.min(5)),
+            &dir.join("all.png"),
+        )?;
     }
 
     let fm = FlopsModel::new(&dit.cfg, dit.dynamic.map(|d| d.token_hidden));
