@@ -10,6 +10,7 @@ use candle::{DType, Tensor};
 pub type Field<'a> = dyn FnMut(&Tensor, f32) -> anyhow::Result<Tensor> + 'a;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OdeMethod {
     Euler,
     /// Heun's 2nd-order method (torchdiffeq "heun2").

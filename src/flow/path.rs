@@ -12,6 +12,7 @@ const VP_SIGMA_MAX: f64 = 20.0;
 
 /// Which interpolant connects noise and data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PathType {
     /// α = t, σ = 1 − t (SiT's default `ICPlan`).
     #[default]
@@ -46,6 +47,7 @@ impl std::fmt::Display for PathType {
 
 /// The diffusion coefficient w(t) of SiT's SDE sampler (`compute_diffusion`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DiffusionForm {
     Constant,
     /// Matches score-based diffusion: the drift variance of the path.

@@ -10,6 +10,7 @@ use candle::Tensor;
 
 /// ODE or SDE, with the settings of each.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FlowMode {
     Ode { method: OdeMethod, tol: Tolerances },
     Sde(SdeOptions),
@@ -38,11 +39,16 @@ impl FlowSampler {
     pub fn describe(&self) -> String {
         match &self.mode {
             FlowMode::Ode { method, .. } => format!("ODE {method}"),
-            FlowMode::Sde(o) => format!(
-                "SDE {:?} ({} diffusion, last step {:?} {})",
-                o.method, o.diffusion_form, o.last_step, o.last_step_size
-            )
-            .to_lowercase(),
+            FlowMode::Sde(o) => {
+                let low = |s: String| s.to_lowercase();
+                format!(
+                    "SDE {} ({} diffusion, last step {} {})",
+                    low(format!("{:?}", o.method)),
+                    o.diffusion_form,
+                    low(format!("{:?}", o.last_step)),
+                    o.last_step_size
+                )
+            }
         }
     }
 

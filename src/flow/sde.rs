@@ -13,6 +13,7 @@ use crate::diffusion::noise::NoiseSource;
 use candle::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SdeMethod {
     /// Euler–Maruyama (SiT's default).
     #[default]
@@ -33,6 +34,7 @@ impl std::str::FromStr for SdeMethod {
 
 /// The final step from t1 to the data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LastStep {
     /// x + drift_SDE·h, no noise (SiT's default).
     #[default]

@@ -9,6 +9,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 /// What the network outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ModelType {
     /// The velocity field v(x, t) (SiT's default).
     #[default]
@@ -33,6 +34,7 @@ impl std::str::FromStr for ModelType {
 
 /// Loss weighting of score and noise prediction (velocity is always unweighted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LossWeight {
     #[default]
     None,
