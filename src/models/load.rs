@@ -146,3 +146,46 @@ pub fn load_model(
         checkpoint: ck,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn ck(meta: &[(&str, &str)]) -> Checkpoint {
+        Checkpoint {
+            path: "SiT-XL-2-256x256.pt".into(),
+            tensors: HashMap::new(),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            container: "file".into(),
+        }
+    }
+
+    #[test]
+    fn family_from_flag_metadata_or_golden_arch() {
+        // An official SiT .pt has no metadata: the preset name decides.
+        let plain = ck(&[]);
+        assert_eq!(
+            resolve_family(&plain, Some("SiT-XL/2")).unwrap(),
+            ModelFamily::Flow
+        );
+        assert_eq!(
+            resolve_family(&plain, None).unwrap(),
+            ModelFamily::Diffusion
+        );
+        let tagged = ck(&[(META_FAMILY, "SiT")]);
+        assert_eq!(resolve_family(&tagged, None).unwrap(), ModelFamily::Flow);
+        assert_eq!(
+            resolve_family(&tagged, Some("DySiT-S/2")).unwrap(),
+            ModelFamily::Flow
+        );
+        let e = resolve_family(&tagged, Some("DiT-XL/2")).unwrap_err();
+        assert!(e.to_string().contains("SiT checkpoint"), "{e}");
+        assert!(resolve_family(&ck(&[(META_FAMILY, "unet")]), None).is_err());
+        let golden = ck(&[("config", r#"{"model": {"arch": "SiT"}}"#)]);
+        assert_eq!(resolve_family(&golden, None).unwrap(), ModelFamily::Flow);
+    }
+}
