@@ -188,10 +188,10 @@ fn given(flags: &[(&'static str, bool)]) -> Vec<&'static str> {
 
 /// The SiT (flow-matching) flags, with SiT's sample.py defaults.
 pub fn flow_spec(a: &Args) -> anyhow::Result<FlowSpec> {
-    let sde = match a.mode.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        Some("sde") => true,
-        _ => false,
-    };
+    let sde = a
+        .mode
+        .as_deref()
+        .is_some_and(|m| m.eq_ignore_ascii_case("sde"));
     let misplaced = if sde {
         given(&[
             ("--method", a.method.is_some()),

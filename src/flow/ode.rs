@@ -262,12 +262,11 @@ fn rms(t: &Tensor) -> candle::Result<f64> {
 }
 
 fn all_finite(t: &Tensor) -> candle::Result<bool> {
-    // x − x is 0 for finite x and NaN otherwise; its sum is finite iff every entry is.
-    let s = (t - t)?
-        .to_dtype(DType::F64)?
+    // An f64 sum of f32 values cannot overflow: it is finite iff every entry is.
+    Ok(t.to_dtype(DType::F64)?
         .sum_all()?
-        .to_scalar::<f64>()?;
-    Ok(s == 0.0)
+        .to_scalar::<f64>()?
+        .is_finite())
 }
 
 /// torchdiffeq's `_select_initial_step` (Hairer, Nørsett & Wanner II.4) with its f32/f64 mix.
