@@ -207,6 +207,30 @@ fn dysit_samples_dynamically_and_to_npz() {
     );
     assert_eq!(v["sampler"], "ode-heun");
     assert!(npz.exists());
+    // flops measures a DySiT over SiT's SDE grid; inspect plots its widths over t ∈ [0, 1].
+    let o = run(&[
+        "flops",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--num-steps",
+        "6",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["ratio"].as_f64().unwrap() < 1.0, "{v}");
+    let png = d.path().join("w.png");
+    let o = run(&[
+        "inspect",
+        "--ckpt",
+        ck.to_str().unwrap(),
+        "--num-steps",
+        "20",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(png.exists());
 }
 
 /// On a fixed grid the mask table holds every time the sampler evaluates: no router runs during
