@@ -5,13 +5,15 @@
 //! spatial-wise dynamic tokens (SDT) send only the router-selected tokens through the MLP.
 //!
 //! Layout: [`nn`] building blocks → [`dynamic`] routers/masks/slicing/FLOPs → [`models`]
-//! backbones → [`diffusion`] samplers and losses → [`io`] formats → [`golden`] parity checks.
+//! backbones → [`diffusion`] samplers and losses (DiT) and [`flow`] transport and ODE/SDE samplers
+//! (SiT) → [`io`] formats → [`golden`] parity checks.
 
 pub mod cli;
 pub mod data;
 pub mod diffusion;
 pub mod dynamic;
 pub mod eval;
+pub mod flow;
 pub mod golden;
 pub mod io;
 pub mod labels;

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Flags that pick and load a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Architecture preset (DiT-S/2 … DiT-XL/8); optional when the checkpoint carries its config.
+    /// Architecture preset (DiT-S/2 … DiT-XL/8, or SiT-S/2 … SiT-XL/8 for flow-matching
+    /// checkpoints such as SiT-XL-2-256x256.pt); optional when the checkpoint carries its config.
     #[arg(long)]
     pub model: Option<String>,
     /// Checkpoint: official `.pt` (plain, `ema`/`model` nested; f32/f16/bf16) or safetensors.

@@ -1,7 +1,7 @@
 //! `dydit convert IN OUT.safetensors`: an official `.pt` (or any checkpoint) to safetensors.
 
 use crate::io::checkpoint::{load, save_safetensors};
-use crate::models::load::{resolve_config, META_CONFIG};
+use crate::models::load::{resolve_config, resolve_family, META_CONFIG, META_FAMILY};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -9,7 +9,8 @@ use std::path::PathBuf;
 pub struct Args {
     pub input: PathBuf,
     pub output: PathBuf,
-    /// Check the weights against this architecture and store it in the output's metadata.
+    /// Check the weights against this architecture and store it in the output's metadata
+    /// (`SiT-…` presets also mark the output as a flow-matching model).
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long)]
@@ -58,6 +59,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             &ck.tensors,
         )?;
         meta.insert(META_CONFIG.into(), serde_json::to_string(&cfg)?);
+        // DiT and SiT weights look alike: record which sampler family the model needs.
+        let family = resolve_family(&ck, a.model.as_deref())?;
+        meta.insert(META_FAMILY.into(), family.name().into());
     } else if a.model.is_some() {
         resolve_config(&ck, a.model.as_deref(), a.image_size)?;
     }

@@ -5,7 +5,7 @@ use super::common::{device, step_bar, ModelArgs};
 use crate::dynamic::flops::FlopsModel;
 use crate::models::load::load_model;
 use crate::models::DitConfig;
-use crate::pipeline::{generate, Engine, SamplingSpec};
+use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
 
 #[derive(clap::Args, Debug)]
@@ -15,7 +15,8 @@ pub struct Args {
     /// Every DiT preset (static GFLOPs at --image-size, default 256).
     #[arg(long)]
     pub all: bool,
-    /// Sampling steps of the grid whose masks are measured (with --ckpt of a DyDiT).
+    /// Sampling steps of the grid whose masks are measured (with --ckpt of a DyDiT: DDPM; of a
+    /// DySiT: SiT's SDE protocol, Euler–Maruyama on this many grid points with a final Mean step).
     #[arg(long, default_value_t = 250)]
     pub num_steps: usize,
     /// Samples generated to measure token masks (they depend on the content).
@@ -74,12 +75,6 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         print_static(&name, fm.static_total() / 1e9, a.json);
         return Ok(0);
     }
-    let spec = SamplingSpec {
-        steps: a.num_steps.to_string(),
-        sampler: crate::diffusion::sampler::SamplerKind::Ddpm,
-        cfg_scale: a.cfg_scale,
-        seed: a.seed,
-    };
     let labels: Vec<u32> = (0..a.num_samples)
         .map(|i| (i % dit.cfg.num_classes) as u32)
         .collect();
@@ -88,14 +83,27 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         router_offset: a.router_offset,
         ..Default::default()
     };
-    let g = generate(
-        dit,
-        &labels,
-        0,
-        &spec,
-        Engine::Dynamic(opts),
-        &mut |d, _| pb.set_position(d as u64),
-    )?;
+    let mut on_step = |d: usize, _: usize| pb.set_position(d as u64);
+    let g = if lm.family.is_flow() {
+        let spec = FlowSpec {
+            sampler: crate::flow::FlowSampler {
+                transport: crate::flow::Transport::default(),
+                mode: crate::flow::FlowMode::Sde(Default::default()),
+                num_steps: a.num_steps,
+            },
+            cfg_scale: a.cfg_scale,
+            seed: a.seed,
+        };
+        generate_flow(dit, &labels, 0, &spec, Engine::Dynamic(opts), &mut on_step)?
+    } else {
+        let spec = SamplingSpec {
+            steps: a.num_steps.to_string(),
+            sampler: crate::diffusion::sampler::SamplerKind::Ddpm,
+            cfg_scale: a.cfg_scale,
+            seed: a.seed,
+        };
+        generate(dit, &labels, 0, &spec, Engine::Dynamic(opts), &mut on_step)?
+    };
     pb.finish_and_clear();
     let f = run_flops(&fm, &g.records);
     if a.json {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Sampling steps of the grid.
+    /// Sampling steps of the grid (SiT/DySiT: points of linspace(0, 1, n)).
     #[arg(long, default_value_t = 250)]
     pub num_steps: usize,
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
@@ -43,8 +43,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "{} has no DyDiT routers: nothing to inspect",
         ckpt.display()
     );
-    let sched = Schedule::new(&a.num_steps.to_string())?;
-    let grid: Vec<f32> = sched.timestep_map.iter().map(|&t| t as f32).collect();
+    // The grid of t the model sees: respaced diffusion steps (DiT) or SiT's [0, 1] grid.
+    let grid: Vec<f32> = if lm.family.is_flow() {
+        crate::flow::ode::linspace(0.0, 1.0, a.num_steps)
+    } else {
+        let sched = Schedule::new(&a.num_steps.to_string())?;
+        sched.timestep_map.iter().map(|&t| t as f32).collect()
+    };
     let table = dit.mask_table(&grid, a.router_offset)?;
     let title = format!(
         "{} (offset {})",

@@ -1,12 +1,18 @@
-//! `dydit sample`: class-conditional images from DiT / DyDiT, as a PNG grid.
+//! `dydit sample`: class-conditional images from DiT / DyDiT (reverse diffusion) or SiT / DySiT
+//! (flow-matching ODE/SDE), as a PNG grid or an FID `.npz`.
 
 use super::common::{device, dtype, step_bar, ModelArgs};
 use crate::diffusion::sampler::SamplerKind;
 use crate::dynamic::flops::FlopsModel;
+use crate::flow::ode::{OdeMethod, Tolerances};
+use crate::flow::sde::SdeOptions;
+use crate::flow::transport::{LossWeight, Transport};
+use crate::flow::{FlowMode, FlowSampler};
 use crate::io::image::{grid, save_png, to_images};
 use crate::labels::parse_classes;
 use crate::models::load::load_model;
-use crate::pipeline::{generate, Engine, SamplingSpec};
+use crate::models::ModelFamily;
+use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, Generated, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
 use anyhow::Context;
 use std::path::PathBuf;
@@ -22,17 +28,54 @@ pub struct Args {
     /// Class ids or names, comma separated (default: DiT's demo classes on ImageNet).
     #[arg(long = "class")]
     pub classes: Option<String>,
-    /// Sampling steps (respaced from 1000).
+    /// DiT: sampling steps (respaced from 1000). SiT: points of the time grid, so num_steps − 1
+    /// Euler/Heun steps (SiT's convention), or dopri5's output points (its steps adapt).
     #[arg(long, default_value_t = 250)]
     pub num_steps: usize,
-    /// Full respacing string instead of --num-steps (e.g. "ddim50", "10,20,30").
+    /// DiT: full respacing string instead of --num-steps (e.g. "ddim50", "10,20,30").
     #[arg(long)]
     pub respacing: Option<String>,
-    #[arg(long, default_value = "ddpm", value_parser = ["ddpm", "ddim"])]
-    pub sampler: String,
-    /// DDIM stochasticity (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
+    /// DiT: the reverse-diffusion sampler (default ddpm).
+    #[arg(long, value_parser = ["ddpm", "ddim"])]
+    pub sampler: Option<String>,
+    /// DiT: DDIM stochasticity (default 0 = deterministic).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// SiT: integrate the probability-flow ODE or the SDE (default ode).
+    #[arg(long, value_parser = ["ode", "sde"], ignore_case = true)]
+    pub mode: Option<String>,
+    /// SiT ODE solver (default dopri5, as SiT's sample.py): fixed-step euler/heun on
+    /// linspace(0, 1, num_steps), or adaptive dopri5.
+    #[arg(long, value_parser = ["euler", "heun", "dopri5"], ignore_case = true)]
+    pub method: Option<String>,
+    /// SiT dopri5 absolute tolerance (default 1e-6).
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// SiT dopri5 relative tolerance (default 1e-3).
+    #[arg(long)]
+    pub rtol: Option<f64>,
+    /// SiT SDE solver (default euler = Euler–Maruyama).
+    #[arg(long, value_parser = ["euler", "heun"], ignore_case = true)]
+    pub sde_method: Option<String>,
+    /// SiT SDE diffusion coefficient w(t) (default sigma).
+    #[arg(long, value_parser = ["constant", "SBDM", "sigma", "linear", "decreasing",
+        "increasing-decreasing"], ignore_case = true)]
+    pub diffusion_form: Option<String>,
+    /// SiT SDE diffusion norm (default 1.0).
+    #[arg(long)]
+    pub diffusion_norm: Option<f64>,
+    /// SiT SDE final step from t = 1 − size to the data (default mean).
+    #[arg(long, value_parser = ["mean", "tweedie", "euler", "none"], ignore_case = true)]
+    pub last_step: Option<String>,
+    /// SiT SDE size of the final step (default 0.04).
+    #[arg(long)]
+    pub last_step_size: Option<f64>,
+    /// SiT interpolant the model was trained on (default linear).
+    #[arg(long, value_parser = ["linear", "gvp", "vp"], ignore_case = true)]
+    pub path_type: Option<String>,
+    /// SiT network output (default velocity).
+    #[arg(long, value_parser = ["velocity", "score", "noise"], ignore_case = true)]
+    pub prediction: Option<String>,
     /// Classifier-free guidance scale (≤ 1 disables CFG); default 4.0 for grids, 1.5 (the FID
     /// protocol of the paper) with --npz.
     #[arg(long)]
@@ -98,6 +141,16 @@ pub fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
     Ok((i, n))
 }
 
+/// The guidance scale: the flag, else 4.0 for grids and 1.5 (the FID protocol) for `--npz`.
+fn cfg_scale(a: &Args) -> anyhow::Result<f64> {
+    let s = a
+        .cfg_scale
+        .unwrap_or(if a.npz.is_some() { 1.5 } else { 4.0 });
+    anyhow::ensure!(s.is_finite(), "--cfg-scale must be a finite number");
+    Ok(s)
+}
+
+/// The DiT (diffusion) flags.
 pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
     anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
     anyhow::ensure!(
@@ -105,10 +158,12 @@ pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
         "--num-steps {} exceeds the 1000 diffusion steps",
         a.num_steps
     );
-    let cfg_scale = a
-        .cfg_scale
-        .unwrap_or(if a.npz.is_some() { 1.5 } else { 4.0 });
-    anyhow::ensure!(cfg_scale.is_finite(), "--cfg-scale must be a finite number");
+    let cfg_scale = cfg_scale(a)?;
+    let eta = a.eta.unwrap_or(0.0);
+    anyhow::ensure!(
+        eta.is_finite() && eta >= 0.0,
+        "--eta must be ≥ 0 (got {eta})"
+    );
     let steps = a
         .respacing
         .clone()
@@ -117,8 +172,8 @@ pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
         .map_err(|e| anyhow::anyhow!("--respacing: {e}"))?;
     Ok(SamplingSpec {
         steps,
-        sampler: match a.sampler.as_str() {
-            "ddim" => SamplerKind::Ddim { eta: a.eta },
+        sampler: match a.sampler.as_deref() {
+            Some("ddim") => SamplerKind::Ddim { eta },
             _ => SamplerKind::Ddpm,
         },
         cfg_scale,
@@ -126,9 +181,214 @@ pub fn sampling_spec(a: &Args) -> anyhow::Result<SamplingSpec> {
     })
 }
 
+/// Flags of one family given to a model of the other, by name.
+fn given(flags: &[(&'static str, bool)]) -> Vec<&'static str> {
+    flags.iter().filter(|f| f.1).map(|f| f.0).collect()
+}
+
+/// The SiT (flow-matching) flags, with SiT's sample.py defaults.
+pub fn flow_spec(a: &Args) -> anyhow::Result<FlowSpec> {
+    let sde = a
+        .mode
+        .as_deref()
+        .is_some_and(|m| m.eq_ignore_ascii_case("sde"));
+    let misplaced = if sde {
+        given(&[
+            ("--method", a.method.is_some()),
+            ("--atol", a.atol.is_some()),
+            ("--rtol", a.rtol.is_some()),
+        ])
+    } else {
+        given(&[
+            ("--sde-method", a.sde_method.is_some()),
+            ("--diffusion-form", a.diffusion_form.is_some()),
+            ("--diffusion-norm", a.diffusion_norm.is_some()),
+            ("--last-step", a.last_step.is_some()),
+            ("--last-step-size", a.last_step_size.is_some()),
+        ])
+    };
+    anyhow::ensure!(
+        misplaced.is_empty(),
+        "{} {} for --mode {}: the ODE takes --method/--atol/--rtol, the SDE --sde-method, \
+         --diffusion-form, --diffusion-norm, --last-step and --last-step-size",
+        misplaced.join(", "),
+        if misplaced.len() == 1 {
+            "does not apply"
+        } else {
+            "do not apply"
+        },
+        if sde { "sde" } else { "ode" }
+    );
+    let transport = Transport::new(
+        a.path_type.as_deref().unwrap_or("linear").parse()?,
+        a.prediction.as_deref().unwrap_or("velocity").parse()?,
+        LossWeight::None,
+        None,
+        None,
+    )?;
+    let mode = if sde {
+        let d = SdeOptions::default();
+        FlowMode::Sde(SdeOptions {
+            method: match &a.sde_method {
+                Some(m) => m.parse()?,
+                None => d.method,
+            },
+            diffusion_form: match &a.diffusion_form {
+                Some(f) => f.parse()?,
+                None => d.diffusion_form,
+            },
+            diffusion_norm: a.diffusion_norm.unwrap_or(d.diffusion_norm),
+            last_step: match &a.last_step {
+                Some(l) => l.parse()?,
+                None => d.last_step,
+            },
+            last_step_size: a.last_step_size.unwrap_or(d.last_step_size),
+        })
+    } else {
+        let d = Tolerances::default();
+        FlowMode::Ode {
+            method: match &a.method {
+                Some(m) => m.parse()?,
+                None => OdeMethod::Dopri5,
+            },
+            tol: Tolerances {
+                atol: a.atol.unwrap_or(d.atol),
+                rtol: a.rtol.unwrap_or(d.rtol),
+                ..d
+            },
+        }
+    };
+    let sampler = FlowSampler {
+        transport,
+        mode,
+        num_steps: a.num_steps,
+    };
+    sampler.validate()?;
+    Ok(FlowSpec {
+        sampler,
+        cfg_scale: cfg_scale(a)?,
+        seed: a.seed,
+    })
+}
+
+/// What one `sample` run does: reverse diffusion (DiT) or a flow ODE/SDE (SiT).
+#[derive(Debug, Clone)]
+pub enum Plan {
+    Diffusion(SamplingSpec),
+    Flow(FlowSpec),
+}
+
+impl Plan {
+    /// The family's own flags, checked; the other family's flags are an error.
+    pub fn from_args(
+        a: &Args,
+        family: ModelFamily,
+        ckpt: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        if family.is_flow() {
+            let dit_only = given(&[
+                ("--sampler", a.sampler.is_some()),
+                ("--eta", a.eta.is_some()),
+                ("--respacing", a.respacing.is_some()),
+            ]);
+            anyhow::ensure!(
+                dit_only.is_empty(),
+                "{} applies to DiT diffusion models; {} is a SiT flow-matching model: use --mode \
+                 ode|sde with --method (ODE) or --sde-method (SDE)",
+                dit_only.join(", "),
+                ckpt.display()
+            );
+            return Ok(Self::Flow(flow_spec(a)?));
+        }
+        let sit_only = given(&[
+            ("--mode", a.mode.is_some()),
+            ("--method", a.method.is_some()),
+            ("--atol", a.atol.is_some()),
+            ("--rtol", a.rtol.is_some()),
+            ("--sde-method", a.sde_method.is_some()),
+            ("--diffusion-form", a.diffusion_form.is_some()),
+            ("--diffusion-norm", a.diffusion_norm.is_some()),
+            ("--last-step", a.last_step.is_some()),
+            ("--last-step-size", a.last_step_size.is_some()),
+            ("--path-type", a.path_type.is_some()),
+            ("--prediction", a.prediction.is_some()),
+        ]);
+        anyhow::ensure!(
+            sit_only.is_empty(),
+            "{} applies to SiT flow-matching models; {} is a DiT diffusion model (pass --model \
+             SiT-… if it is a SiT checkpoint)",
+            sit_only.join(", "),
+            ckpt.display()
+        );
+        Ok(Self::Diffusion(sampling_spec(a)?))
+    }
+
+    pub fn cfg_scale(&self) -> f64 {
+        match self {
+            Self::Diffusion(s) => s.cfg_scale,
+            Self::Flow(f) => f.cfg_scale,
+        }
+    }
+
+    /// Network calls per batch when known ahead (0 under dopri5, whose steps adapt).
+    pub fn planned_calls(&self) -> anyhow::Result<usize> {
+        Ok(match self {
+            Self::Diffusion(s) => spec_steps(s)?,
+            Self::Flow(f) => f.sampler.planned_calls()?.unwrap_or(0),
+        })
+    }
+
+    /// "ddpm" / "ddim" / "ode-dopri5" / "sde-euler"…, for summaries.
+    pub fn sampler_name(&self) -> String {
+        match self {
+            Self::Diffusion(s) => match s.sampler {
+                SamplerKind::Ddim { .. } => "ddim".into(),
+                SamplerKind::Ddpm => "ddpm".into(),
+            },
+            Self::Flow(f) => match &f.sampler.mode {
+                FlowMode::Ode { method, .. } => format!("ode-{method}"),
+                FlowMode::Sde(o) => format!("sde-{:?}", o.method).to_lowercase(),
+            },
+        }
+    }
+
+    /// The steps figure of summaries: DiT respaced steps, SiT grid points.
+    pub fn steps(&self) -> anyhow::Result<usize> {
+        match self {
+            Self::Diffusion(s) => spec_steps(s),
+            Self::Flow(f) => Ok(f.sampler.num_steps),
+        }
+    }
+
+    /// Samples `labels` (global indices from `first`) with this plan.
+    pub fn generate(
+        &self,
+        dit: &crate::models::dit::Dit,
+        labels: &[u32],
+        first: u64,
+        engine: Engine,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> anyhow::Result<Generated> {
+        match self {
+            Self::Diffusion(s) => generate(dit, labels, first, s, engine, on_step),
+            Self::Flow(f) => generate_flow(dit, labels, first, f, engine, on_step),
+        }
+    }
+
+    /// The settings as JSON (SiT: the full sampler, so a run can be reproduced).
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Self::Diffusion(_) => serde_json::Value::Null,
+            Self::Flow(f) => serde_json::to_value(f.sampler).unwrap_or_default(),
+        }
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    // Validate everything cheap before the expensive work.
-    let spec = sampling_spec(&a)?;
+    // Validate everything cheap before the expensive work; the family-specific flags are checked
+    // once the checkpoint says whether it is a DiT or a SiT.
+    anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
+    cfg_scale(&a)?;
     let shard = a.shard.as_deref().map(parse_shard).transpose()?;
     anyhow::ensure!(
         a.npz.is_some() || (a.num_samples.is_none() && shard.is_none()),
@@ -163,6 +423,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         &dev,
     )?;
     let dit = &lm.dit;
+    let plan = Plan::from_args(&a, lm.family, &ckpt)?;
     let latent = dit.cfg.in_channels == 4;
     let vae = match (&a.vae, latent) {
         (Some(p), true) => Some(crate::vae::Vae::load(p, &dev)?),
@@ -203,19 +464,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             Some(s) => parse_classes(s, dit.cfg.num_classes, &lm.class_names)?,
             None => (0..dit.cfg.num_classes as u32).collect(),
         };
-        return write_npz(&a, npz, dit, vae.as_ref(), &classes, &spec, engine, shard);
+        return write_npz(&a, npz, dit, vae.as_ref(), &classes, &plan, engine, shard);
     }
     let bs = a.batch_size.unwrap_or(classes.len()).max(1);
-    let total_steps = spec_steps(&spec)? * classes.len().div_ceil(bs);
-    let pb = step_bar(total_steps, if dynamic { "DyDiT" } else { "DiT" });
+    let pb = step_bar(
+        plan.planned_calls()? * classes.len().div_ceil(bs),
+        bar_label(lm.family, dynamic),
+    );
     let t0 = Instant::now();
     let mut latents = Vec::new();
     let mut records = Vec::new();
     let mut token_counts: Vec<Vec<f32>> = Vec::new();
     let mut done_before = 0;
     for (ci, chunk) in classes.chunks(bs).enumerate() {
-        let g = generate(dit, chunk, (ci * bs) as u64, &spec, engine, &mut |d, _| {
-            pb.set_position((done_before + d) as u64)
+        let g = plan.generate(dit, chunk, (ci * bs) as u64, engine, &mut |d, _| {
+            advance(&pb, done_before + d)
         })?;
         done_before += g.model_calls;
         latents.push(g.latents);
@@ -280,7 +543,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let fm = FlopsModel::new(&dit.cfg, dit.dynamic.map(|d| d.token_hidden));
     let flops = dynamic.then(|| run_flops(&fm, &records));
     let static_g = fm.static_total() / 1e9;
-    let steps = spec_steps(&spec)?;
+    let steps = plan.steps()?;
+    let calls = done_before;
     if a.json {
         println!(
             "{}",
@@ -288,15 +552,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 "out": a.out.display().to_string(),
                 "images": imgs.len(),
                 "classes": classes,
+                "family": lm.family.name(),
                 "steps": steps,
-                "sampler": a.sampler,
-                "cfg_scale": spec.cfg_scale,
+                "sampler": plan.sampler_name(),
+                "flow": plan.json(),
+                "model_calls": calls,
+                "cfg_scale": plan.cfg_scale(),
                 "seed": a.seed,
                 "dynamic": dynamic,
                 "load_s": load_s,
                 "sample_s": sample_s,
                 "decode_s": decode_s,
-                "s_per_step": sample_s / total_steps as f64,
+                "s_per_step": sample_s / calls.max(1) as f64,
                 "static_gflops": static_g,
                 "dynamic_gflops": flops.as_ref().map(|f| f.dynamic_gflops),
                 "flops_ratio": flops.as_ref().map(|f| f.ratio),
@@ -305,21 +572,24 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         if let Some(f) = &flops {
             println!(
-                "DyDiT: {} GFLOPs per forward vs {} static ({:.1}% saved, ratio {:.3})",
+                "{}: {} GFLOPs per forward vs {} static ({:.1}% saved, ratio {:.3})",
+                bar_label(lm.family, true),
                 fmt_g(f.dynamic_gflops),
                 fmt_g(static_g),
                 100.0 * (1.0 - f.ratio),
                 f.ratio
             );
         }
+        let how = match &plan {
+            Plan::Diffusion(_) => format!("{steps} steps, {}", plan.sampler_name()),
+            Plan::Flow(f) => format!("SiT {}, {calls} network calls", f.sampler.describe()),
+        };
         println!(
-            "sampled {} images ({} steps, {}, cfg {}) in {:.2} s ({:.3} s/step){} → {}",
+            "sampled {} images ({how}, cfg {}) in {:.2} s ({:.3} s/step){} → {}",
             imgs.len(),
-            steps,
-            a.sampler,
-            spec.cfg_scale,
+            plan.cfg_scale(),
             sample_s,
-            sample_s / total_steps as f64,
+            sample_s / calls.max(1) as f64,
             if vae.is_some() {
                 format!(", VAE decode {decode_s:.2} s")
             } else {
@@ -339,7 +609,7 @@ fn write_npz(
     dit: &crate::models::dit::Dit,
     vae: Option<&crate::vae::Vae>,
     classes: &[u32],
-    spec: &SamplingSpec,
+    plan: &Plan,
     engine: Engine,
     shard: Option<(usize, usize)>,
 ) -> anyhow::Result<i32> {
@@ -350,14 +620,15 @@ fn write_npz(
     let count = last - first;
     anyhow::ensure!(count > 0, "--shard {i}/{n} of {total} samples is empty");
     let bs = a.batch_size.unwrap_or(16).max(1);
-    let steps = spec_steps(spec)?;
+    let steps = plan.steps()?;
+    let family = if matches!(plan, Plan::Flow(_)) {
+        ModelFamily::Flow
+    } else {
+        ModelFamily::Diffusion
+    };
     let pb = step_bar(
-        steps * count.div_ceil(bs),
-        if engine_is_dynamic(&engine) {
-            "DyDiT"
-        } else {
-            "DiT"
-        },
+        plan.planned_calls()? * count.div_ceil(bs),
+        bar_label(family, engine_is_dynamic(&engine)),
     );
     let t0 = Instant::now();
     let mut w: Option<crate::io::npz::NpzWriter> = None;
@@ -367,8 +638,8 @@ fn write_npz(
     while k < last {
         let m = bs.min(last - k);
         let labels: Vec<u32> = (k..k + m).map(|j| classes[j % classes.len()]).collect();
-        let g = generate(dit, &labels, k as u64, spec, engine, &mut |d, _| {
-            pb.set_position((done_calls + d) as u64)
+        let g = plan.generate(dit, &labels, k as u64, engine, &mut |d, _| {
+            advance(&pb, done_calls + d)
         })?;
         done_calls += g.model_calls;
         records.extend(g.records);
@@ -400,10 +671,13 @@ fn write_npz(
         "range": [first, last],
         "shard": [i, n],
         "num_samples": total,
+        "family": family.name(),
         "steps": steps,
-        "sampler": a.sampler,
-        "cfg_scale": spec.cfg_scale,
-        "seed": spec.seed,
+        "sampler": plan.sampler_name(),
+        "flow": plan.json(),
+        "model_calls": done_calls,
+        "cfg_scale": plan.cfg_scale(),
+        "seed": a.seed,
         "classes": classes.len(),
         "dynamic": engine_is_dynamic(&engine),
         "seconds": secs,
@@ -416,10 +690,28 @@ fn write_npz(
     } else {
         println!(
             "wrote samples {first}..{last} of {total} ({} steps {}, cfg {}, seed {}) to {} in {:.1} s ({:.3} s/image)",
-            steps, a.sampler, spec.cfg_scale, spec.seed, out.display(), secs, secs / count as f64
+            steps, plan.sampler_name(), plan.cfg_scale(), a.seed, out.display(), secs, secs / count as f64
         );
     }
     Ok(0)
+}
+
+/// The progress-bar and summary name of the model kind.
+fn bar_label(family: ModelFamily, dynamic: bool) -> &'static str {
+    match (family, dynamic) {
+        (ModelFamily::Diffusion, false) => "DiT",
+        (ModelFamily::Diffusion, true) => "DyDiT",
+        (ModelFamily::Flow, false) => "SiT",
+        (ModelFamily::Flow, true) => "DySiT",
+    }
+}
+
+/// Moves the bar to `pos` network calls, growing it when the solver adapts (dopri5).
+fn advance(pb: &indicatif::ProgressBar, pos: usize) {
+    if pb.length().is_some_and(|l| (pos as u64) > l) {
+        pb.set_length(pos as u64);
+    }
+    pb.set_position(pos as u64);
 }
 
 fn engine_is_dynamic(e: &Engine) -> bool {

@@ -19,6 +19,8 @@ pub const SUPPORTED: &[&str] = &[
     "ddim_sample",
     "ddpm_sample_dydit",
     "ddpm_training_loss",
+    "sit_sample",
+    "sit_training_loss",
     "vae_decode",
     "dydit_flops_loss",
     "fid_inception",
@@ -31,6 +33,8 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "dydit_forward" | "dydit_forward_old" => dydit_forward(g),
         "ddpm_sample" | "ddim_sample" | "ddpm_sample_dydit" => sample(g),
         "ddpm_training_loss" => training_loss(g),
+        "sit_sample" => super::flow::sit_sample(g),
+        "sit_training_loss" => super::flow::sit_training_loss(g),
         "dydit_flops_loss" => flops_loss(g),
         "fid_inception" => crate::eval::golden::fid_inception(g),
         "frechet_distance" => crate::eval::golden::frechet_distance(g),
@@ -48,12 +52,12 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     }
 }
 
-fn model(g: &GoldenFile) -> anyhow::Result<Dit> {
+pub(super) fn model(g: &GoldenFile) -> anyhow::Result<Dit> {
     let cfg = DitConfig::from_golden_json(&g.config["model"])?;
     build(&cfg, &g.model_tensors(), DType::F32, &Device::Cpu)
 }
 
-fn labels(t: &Tensor) -> anyhow::Result<Vec<u32>> {
+pub(super) fn labels(t: &Tensor) -> anyhow::Result<Vec<u32>> {
     Ok(t.to_dtype(DType::I64)?
         .to_vec1::<i64>()?
         .into_iter()
@@ -61,7 +65,7 @@ fn labels(t: &Tensor) -> anyhow::Result<Vec<u32>> {
         .collect())
 }
 
-fn times(t: &Tensor) -> anyhow::Result<Vec<f32>> {
+pub(super) fn times(t: &Tensor) -> anyhow::Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F64)?
         .to_vec1::<f64>()?
         .into_iter()
@@ -69,13 +73,13 @@ fn times(t: &Tensor) -> anyhow::Result<Vec<f32>> {
         .collect())
 }
 
-fn cfg_scale(g: &GoldenFile) -> anyhow::Result<f64> {
+pub(super) fn cfg_scale(g: &GoldenFile) -> anyhow::Result<f64> {
     g.config["cfg_scale"]
         .as_f64()
         .ok_or_else(|| anyhow::anyhow!("config.cfg_scale missing"))
 }
 
-fn guided(g: &GoldenFile) -> usize {
+pub(super) fn guided(g: &GoldenFile) -> usize {
     g.config["cfg_guided_channels"].as_u64().unwrap_or(3) as usize
 }
 

@@ -1,6 +1,7 @@
 //! Golden-vector parity: runs any file of `shared/golden` (format in its README) through this
 //! implementation by the file's `kind` and compares every expected tensor.
 
+mod flow;
 mod kinds;
 
 use anyhow::Context;

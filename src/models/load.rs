@@ -3,6 +3,7 @@
 
 use super::config::DitConfig;
 use super::dit::{build, Dit};
+use super::family::ModelFamily;
 use super::weights::{describe_checkpoint, infer_config};
 use crate::io::checkpoint::{self, Checkpoint};
 use anyhow::Context;
@@ -13,9 +14,14 @@ use std::path::Path;
 pub const META_CONFIG: &str = "dydit.config";
 /// Metadata key for the class names (JSON array of strings).
 pub const META_CLASSES: &str = "dydit.class_names";
+/// Metadata key for the [`ModelFamily`] ("DiT" or "SiT"): DiT and SiT weights look alike, so a
+/// flow model says so here. Absent means DiT, which keeps every earlier checkpoint valid.
+pub const META_FAMILY: &str = "dydit.family";
 
 pub struct LoadedModel {
     pub dit: Dit,
+    /// Diffusion (DiT/DyDiT) or flow (SiT/DySiT): which sampler family to use.
+    pub family: ModelFamily,
     pub class_names: Vec<String>,
     pub checkpoint: Checkpoint,
 }
@@ -73,6 +79,37 @@ pub fn resolve_config(
     )
 }
 
+/// Resolves the family: the `--model` prefix (`SiT-…`), else the checkpoint's `dydit.family`,
+/// else a golden file's `config.model.arch`, else DiT. A prefix that contradicts the metadata is
+/// an error rather than a silent switch of sampler.
+pub fn resolve_family(ck: &Checkpoint, model: Option<&str>) -> anyhow::Result<ModelFamily> {
+    let path = ck.path.display();
+    let stored = match ck.metadata.get(META_FAMILY) {
+        Some(s) => Some(
+            ModelFamily::parse(s)
+                .with_context(|| format!("{path}: bad '{META_FAMILY}' metadata"))?,
+        ),
+        None => ck
+            .metadata
+            .get("config")
+            .and_then(|js| serde_json::from_str::<serde_json::Value>(js).ok())
+            .and_then(|v| v["model"]["arch"].as_str().map(str::to_string))
+            .and_then(|a| ModelFamily::parse(&a).ok()),
+    };
+    let named = model.and_then(ModelFamily::from_preset_name);
+    match (named, stored) {
+        (Some(n), Some(s)) if n != s => anyhow::bail!(
+            "{path} is a {} checkpoint but --model {} names a {} model",
+            s.name(),
+            model.unwrap_or_default(),
+            n.name()
+        ),
+        (Some(n), _) => Ok(n),
+        (None, Some(s)) => Ok(s),
+        (None, None) => Ok(ModelFamily::Diffusion),
+    }
+}
+
 /// Loads and checks a model. Errors name the file and every mismatching key.
 pub fn load_model(
     path: &Path,
@@ -83,6 +120,7 @@ pub fn load_model(
 ) -> anyhow::Result<LoadedModel> {
     let ck = checkpoint::load(path)?;
     let cfg = resolve_config(&ck, model, image_size)?;
+    let family = resolve_family(&ck, model)?;
     let dit = build(&cfg, &ck.tensors, dtype, device).with_context(|| {
         format!(
             "{} does not match {}",
@@ -103,7 +141,51 @@ pub fn load_model(
     };
     Ok(LoadedModel {
         dit,
+        family,
         class_names,
         checkpoint: ck,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn ck(meta: &[(&str, &str)]) -> Checkpoint {
+        Checkpoint {
+            path: "SiT-XL-2-256x256.pt".into(),
+            tensors: HashMap::new(),
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            container: "file".into(),
+        }
+    }
+
+    #[test]
+    fn family_from_flag_metadata_or_golden_arch() {
+        // An official SiT .pt has no metadata: the preset name decides.
+        let plain = ck(&[]);
+        assert_eq!(
+            resolve_family(&plain, Some("SiT-XL/2")).unwrap(),
+            ModelFamily::Flow
+        );
+        assert_eq!(
+            resolve_family(&plain, None).unwrap(),
+            ModelFamily::Diffusion
+        );
+        let tagged = ck(&[(META_FAMILY, "SiT")]);
+        assert_eq!(resolve_family(&tagged, None).unwrap(), ModelFamily::Flow);
+        assert_eq!(
+            resolve_family(&tagged, Some("DySiT-S/2")).unwrap(),
+            ModelFamily::Flow
+        );
+        let e = resolve_family(&tagged, Some("DiT-XL/2")).unwrap_err();
+        assert!(e.to_string().contains("SiT checkpoint"), "{e}");
+        assert!(resolve_family(&ck(&[(META_FAMILY, "unet")]), None).is_err());
+        let golden = ck(&[("config", r#"{"model": {"arch": "SiT"}}"#)]);
+        assert_eq!(resolve_family(&golden, None).unwrap(), ModelFamily::Flow);
+    }
 }

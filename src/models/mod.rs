@@ -1,11 +1,13 @@
-//! Backbones: DiT / DyDiT (SiT shares the same network).
+//! Backbones: DiT / DyDiT (SiT / DySiT share the same network; [`family`] says how to sample).
 
 pub mod block;
 pub mod config;
 pub mod dit;
+pub mod family;
 pub mod init;
 pub mod load;
 pub mod weights;
 
 pub use config::DitConfig;
 pub use dit::Dit;
+pub use family::ModelFamily;
