@@ -152,6 +152,96 @@ fn train_finetune_sample_pipeline() {
 }
 
 #[test]
+fn sit_train_dysit_finetune_and_flow_sampling() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let data = data.to_str().unwrap();
+    let sit_dir = d.path().join("sit");
+    let mut args = vec![
+        "train",
+        "--family",
+        "SiT",
+        "--data",
+        data,
+        "--steps",
+        "4",
+        "--out",
+        sit_dir.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    let out = ok(&run(&args));
+    assert!(out.contains("training SiT"), "{out}");
+    // Velocity regression: no VB term; the loss of a fresh model is about E|x1 − x0|² ≈ 2.
+    let steps: Vec<_> = log_events(&sit_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 4);
+    for s in &steps {
+        assert_eq!(s["vb"].as_f64().unwrap(), 0.0);
+        let l = s["loss"].as_f64().unwrap();
+        assert!(l > 0.5 && l < 5.0, "{s}");
+    }
+    let sit = sit_dir.join("model.safetensors");
+    // The family travels in the checkpoint: fine-tuning keeps it, sampling uses the flow ODE.
+    let ft_dir = d.path().join("dysit");
+    let o = ok(&run(&[
+        "finetune",
+        "--from",
+        sit.to_str().unwrap(),
+        "--data",
+        data,
+        "--target-ratio",
+        "0.5",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--reorder-by-importance",
+        "--importance-batches",
+        "1",
+        "--out",
+        ft_dir.to_str().unwrap(),
+    ]));
+    assert!(o.contains("fine-tuning DySiT"), "{o}");
+    for s in log_events(&ft_dir).iter().filter(|e| e["event"] == "step") {
+        assert_eq!(s["vb"].as_f64().unwrap(), 0.0);
+        assert!(s["ratio"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    let png = d.path().join("s.png");
+    let o = run(&[
+        "sample",
+        "--ckpt",
+        ft_dir.join("model.safetensors").to_str().unwrap(),
+        "--method",
+        "euler",
+        "--num-steps",
+        "3",
+        "--json",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(ok(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(v["family"], "SiT", "{v}");
+    assert_eq!(v["dynamic"], true, "{v}");
+    // A flow flag on the diffusion side of the CLI is refused, a bad path type too.
+    let o = run(&[
+        "train",
+        "--family",
+        "SiT",
+        "--path-type",
+        "spiral",
+        "--data",
+        data,
+        "--out",
+        d.path().join("bad").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "path");
+}
+
+#[test]
 fn config_file_with_flag_overrides_and_dry_run() {
     let d = tempfile::tempdir().unwrap();
     let data = write_idx(d.path());
@@ -427,6 +517,40 @@ fn eval_writes_fid_and_protocol() {
     assert_eq!(v["protocol"]["num_steps"], 2);
     assert_eq!(v["protocol"]["cfg_scale"], 1.5);
     assert!(grid.exists());
+    assert_eq!(v["protocol"]["family"], "DiT");
+    // A SiT evaluates with the flow ODE under the same protocol flags.
+    let sit_dir = d.path().join("sit");
+    let mut args = vec![
+        "train",
+        "--family",
+        "SiT",
+        "--data",
+        data,
+        "--steps",
+        "1",
+        "--out",
+        sit_dir.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    ok(&run(&args));
+    let o = ok(&run(&[
+        "eval",
+        "--ckpt",
+        sit_dir.join("model.safetensors").to_str().unwrap(),
+        "--num-samples",
+        "3",
+        "--num-steps",
+        "3",
+        "--real",
+        data,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(o.contains("ODE heun"), "{o}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["protocol"]["family"], "SiT");
+    assert!(v["fid"].as_f64().unwrap().is_finite());
     assert_clean_failure(
         &run(&[
             "eval",

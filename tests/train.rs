@@ -5,12 +5,13 @@ use candle::{Device, Tensor};
 use dydit::diffusion::losses::q_sample;
 use dydit::diffusion::Schedule;
 use dydit::dynamic::router::RouterFormat;
+use dydit::flow::transport::Transport;
 use dydit::models::dit::{DynamicSpec, Gate, MaskSource};
 use dydit::models::init::{init_tensors, Init};
 use dydit::models::DitConfig;
 use dydit::nn::ops::max_rel_err;
 use dydit::train::flops_loss::FlopsLoss;
-use dydit::train::objective::{normal, step_loss, Batch, DynamicTerms};
+use dydit::train::objective::{normal, step_loss, Batch, DynamicTerms, Objective, Times};
 use dydit::train::params::Params;
 use dydit::train::{TrainConfig, Trainer};
 use rand::rngs::StdRng;
@@ -50,25 +51,34 @@ fn batch(cfg: &DitConfig, b: usize, seed: u64) -> Batch {
         y: (0..b as u32)
             .map(|i| i % (cfg.num_classes as u32 + 1))
             .collect(),
-        t: (0..b).map(|i| [3usize, 260, 510, 990][i % 4]).collect(),
+        t: Times::Steps((0..b).map(|i| [3usize, 260, 510, 990][i % 4]).collect()),
         noise: normal(&shape, &mut rng, &dev).unwrap(),
     }
 }
 
 /// The real training loss (Gumbel STE gates, complete-model loss, FLOPs loss): every trainable
-/// tensor, routers included, gets a finite, non-zero gradient.
+/// tensor, routers included, gets a finite, non-zero gradient — for DyDiT's diffusion loss and
+/// for DySiT's flow-matching (velocity) loss.
 #[test]
 fn every_trainable_tensor_gets_a_gradient() {
+    let diffusion = Objective::Diffusion(Box::new(Schedule::new("").unwrap()));
+    every_tensor_gets_a_gradient(&diffusion, batch(&tiny(4, 8), 8, 2));
+    let flow = Objective::Flow(Transport::default());
+    let mut b = batch(&tiny(4, 8), 8, 2);
+    b.t = Times::Flow(vec![0.0, 0.1, 0.3, 0.5, 0.6, 0.8, 0.95, 1.0]);
+    every_tensor_gets_a_gradient(&flow, b);
+}
+
+fn every_tensor_gets_a_gradient(objective: &Objective, batch: Batch) {
     let cfg = tiny(4, 8);
     let p = dydit_params(&cfg, 1);
     let model = p.model().unwrap();
-    let sched = Schedule::new("").unwrap();
     let flops = FlopsLoss::for_config(&cfg);
     let mut rng = StdRng::seed_from_u64(3);
     let loss = step_loss(
         &model,
-        &sched,
-        &batch(&cfg, 8, 2),
+        objective,
+        &batch,
         Some(DynamicTerms {
             flops: &flops,
             target: 0.6,
@@ -115,8 +125,11 @@ fn smooth_loss(p: &Params, b: &Batch) -> Tensor {
     let sched = Schedule::new("").unwrap();
     let x0 = b.x0.to_dtype(dt).unwrap();
     let noise = b.noise.to_dtype(dt).unwrap();
-    let x_t = q_sample(&sched, &x0, &b.t, &noise).unwrap();
-    let tf: Vec<f32> = b.t.iter().map(|&t| t as f32).collect();
+    let Times::Steps(ts) = &b.t else {
+        panic!("diffusion batch")
+    };
+    let x_t = q_sample(&sched, &x0, ts, &noise).unwrap();
+    let tf = b.t.model_t();
     let mut soft = |l: &Tensor| candle_nn::ops::sigmoid(&(l / 5.0)?);
     let mut gate = Gate::Custom(&mut soft);
     let (out, masks) = model
@@ -357,7 +370,10 @@ fn reordering_keeps_the_function() {
     cfg.num_heads = 4;
     let dev = Device::Cpu;
     let tensors = init_tensors(&cfg, None, Init::Random, 4).unwrap();
-    let imp = importance(&cfg, &tensors, data.as_ref(), 2, 4, 0, &dev).unwrap();
+    let obj = dydit::train::objective::Objective::Diffusion(Box::new(
+        dydit::diffusion::Schedule::new("").unwrap(),
+    ));
+    let imp = importance(&cfg, &obj, &tensors, data.as_ref(), 2, 4, 0, &dev).unwrap();
     let mut re = tensors.clone();
     for l in 0..cfg.depth {
         permute_layer(
@@ -385,7 +401,7 @@ fn reordering_keeps_the_function() {
         );
     }
     // Importance of the reordered model is sorted.
-    let imp2 = importance(&cfg, &re, data.as_ref(), 2, 4, 0, &dev).unwrap();
+    let imp2 = importance(&cfg, &obj, &re, data.as_ref(), 2, 4, 0, &dev).unwrap();
     for l in 0..cfg.depth {
         for w in [&imp2.heads[l], &imp2.groups[l]] {
             assert!(

@@ -10,7 +10,7 @@ use crate::models::dit::DynamicSpec;
 use crate::models::init::{init_tensors, Init};
 use crate::models::DitConfig;
 use crate::train::flops_loss::FlopsLoss;
-use crate::train::objective::{draw_timesteps, normal, step_loss, Batch, DynamicTerms};
+use crate::train::objective::{normal, step_loss, Batch, DynamicTerms, Objective};
 use crate::train::optim::{grad_norm, AdamW, AdamWConfig, Ema};
 use crate::train::params::Params;
 use rand::rngs::StdRng;
@@ -81,7 +81,7 @@ fn time_steps(
         &p.vars,
     );
     let mut ema = Ema::new(0.9999, &p.vars)?;
-    let sched = Schedule::new("")?;
+    let objective = Objective::Diffusion(Box::new(Schedule::new("")?));
     let flops = FlopsLoss::for_config(cfg);
     let mut rng = StdRng::seed_from_u64(0);
     let s = cfg.input_size;
@@ -91,7 +91,7 @@ fn time_steps(
         let batch = Batch {
             x0: normal(&shape, &mut rng, dev)?,
             y: (0..b).map(|i| (i % cfg.num_classes) as u32).collect(),
-            t: draw_timesteps(b, 1000, true, &mut rng),
+            t: objective.draw_times(b, true, &mut rng),
             noise: normal(&shape, &mut rng, dev)?,
         };
         let terms = dynamic.then_some(DynamicTerms {
@@ -101,7 +101,7 @@ fn time_steps(
             complete: mode == "dydit+complete",
         });
         let t0 = Instant::now();
-        let loss = step_loss(&model, &sched, &batch, terms, &mut rng)?;
+        let loss = step_loss(&model, &objective, &batch, terms, &mut rng)?;
         dev.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.total.backward()?;

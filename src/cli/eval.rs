@@ -6,9 +6,12 @@ use super::fid::set_stats;
 use crate::diffusion::sampler::SamplerKind;
 use crate::dynamic::flops::FlopsModel;
 use crate::eval::{FeatureStats, FidInception};
+use crate::flow::ode::{OdeMethod, Tolerances};
+use crate::flow::sampler::{FlowMode, FlowSampler};
+use crate::flow::transport::Transport;
 use crate::io::image::{save_png, to_images};
 use crate::models::load::load_model;
-use crate::pipeline::{generate, Engine, SamplingSpec};
+use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
 use anyhow::Context;
 use candle::{DType, Device, Tensor};
@@ -31,8 +34,12 @@ pub struct Args {
     pub num_samples: usize,
     #[arg(long, default_value_t = 250)]
     pub num_steps: usize,
+    /// Diffusion (DiT/DyDiT) sampler.
     #[arg(long, default_value = "ddpm", value_parser = ["ddpm", "ddim"])]
     pub sampler: String,
+    /// Flow (SiT/DySiT) sampler: fixed-step ODE solver over --num-steps grid points.
+    #[arg(long, default_value = "heun", value_parser = ["euler", "heun"])]
+    pub flow_method: String,
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
     #[arg(long, default_value_t = 1.5)]
@@ -119,6 +126,25 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .with_context(|| format!("caching reference statistics in {}", c.display()))?;
     }
 
+    let flow = lm.family.is_flow().then(|| FlowSpec {
+        sampler: FlowSampler {
+            transport: Transport::default(),
+            mode: FlowMode::Ode {
+                method: if a.flow_method == "euler" {
+                    OdeMethod::Euler
+                } else {
+                    OdeMethod::Heun
+                },
+                tol: Tolerances::default(),
+            },
+            num_steps: a.num_steps,
+        },
+        cfg_scale: a.cfg_scale,
+        seed: a.seed,
+    });
+    if let Some(f) = &flow {
+        f.sampler.validate()?;
+    }
     let spec = SamplingSpec {
         steps: a.num_steps.to_string(),
         sampler: match a.sampler.as_str() {
@@ -140,7 +166,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let classes = dit.cfg.num_classes as u32;
     let n = a.num_samples;
-    let pb = step_bar(a.num_steps * n.div_ceil(a.batch_size), "sampling");
+    let calls_per_batch = match &flow {
+        Some(f) => f.sampler.planned_calls()?.unwrap_or(a.num_steps),
+        None => a.num_steps,
+    };
+    let pb = step_bar(calls_per_batch * n.div_ceil(a.batch_size), "sampling");
     let (mut sample_s, mut fid_s) = (0.0, 0.0);
     let mut feats: Vec<f32> = Vec::with_capacity(n * 2048);
     let mut records = Vec::new();
@@ -151,9 +181,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         let m = a.batch_size.min(n - k);
         let labels: Vec<u32> = (k..k + m).map(|j| j as u32 % classes).collect();
         let t0 = Instant::now();
-        let g = generate(dit, &labels, k as u64, &spec, engine, &mut |d, _| {
-            pb.set_position((calls + d) as u64)
-        })?;
+        let mut on_step = |d: usize, _: usize| pb.set_position((calls + d) as u64);
+        let g = match &flow {
+            Some(f) => generate_flow(dit, &labels, k as u64, f, engine, &mut on_step)?,
+            None => generate(dit, &labels, k as u64, &spec, engine, &mut on_step)?,
+        };
         calls += g.model_calls;
         let px = match &vae {
             Some(v) => v.decode_latents(&g.latents)?,
@@ -194,7 +226,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "protocol": {
             "num_samples": n,
             "classes": "balanced: sample k has class k mod num_classes",
-            "sampler": a.sampler,
+            "family": lm.family.name(),
+            "sampler": match &flow {
+                Some(f) => format!("{} ({})", f.sampler.describe(), "linear path, velocity"),
+                None => a.sampler.clone(),
+            },
             "eta": a.eta,
             "num_steps": a.num_steps,
             "cfg_scale": a.cfg_scale,
@@ -230,7 +266,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     } else {
         println!(
             "FID {fid:.3} over {n} samples ({} {} steps, cfg {}, seed {}) against {} | {} GFLOPs/forward{} | {:.3} s/image sampling | saved {}",
-            a.sampler,
+            result["protocol"]["sampler"].as_str().unwrap_or(&a.sampler),
             a.num_steps,
             a.cfg_scale,
             a.seed,

@@ -93,6 +93,19 @@ pub struct Overrides {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub importance_batches: Option<usize>,
+    /// `DiT` (diffusion) or `SiT` (flow matching); default DiT, or SiT for a `SiT-…` --model;
+    /// fine-tuning keeps the checkpoint's family.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    /// SiT path: linear (default), gvp or vp.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_type: Option<String>,
+    /// SiT prediction: velocity (default), score or noise.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<String>,
     /// Learning rate of the routers (default: --lr); short fine-tunes need a larger one.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,7 +254,12 @@ fn run(a: Args, finetune: bool) -> anyhow::Result<i32> {
     let c = &trainer.cfg;
     eprintln!(
         "{} {} ({:.2} M parameters{}) on {}; {} steps of batch {}, lr {:e}; run dir {} (set-up {:.1} s)",
-        if trainer.is_dynamic() { "fine-tuning DyDiT" } else { "training DiT" },
+        match (trainer.is_dynamic(), c.family.as_deref() == Some("SiT")) {
+            (true, true) => "fine-tuning DySiT",
+            (true, false) => "fine-tuning DyDiT",
+            (false, true) => "training SiT",
+            (false, false) => "training DiT",
+        },
         c.model.as_deref().unwrap_or("model"),
         trainer.params.num_elements() as f64 / 1e6,
         match c.target_ratio {

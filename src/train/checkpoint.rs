@@ -62,7 +62,7 @@ pub fn save(
             all.insert(format!("{prefix}{k}"), t.clone());
         }
     }
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         (META_CONFIG.to_string(), serde_json::to_string(model_cfg)?),
         (META_TRAIN.to_string(), serde_json::to_string(train_cfg)?),
         (META_STATE.to_string(), serde_json::to_string(&state)?),
@@ -71,6 +71,10 @@ pub fn save(
             serde_json::to_string(class_names)?,
         ),
     ]);
+    // Sampling commands read the family from here (SiT checkpoints sample with the flow ODE/SDE).
+    if let Some(f) = &train_cfg.family {
+        meta.insert(crate::models::load::META_FAMILY.to_string(), f.clone());
+    }
     crate::io::checkpoint::save_safetensors(path, &all, &meta)
 }
 

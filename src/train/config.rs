@@ -21,6 +21,13 @@ pub struct TrainConfig {
     pub mlp_ratio: Option<f64>,
     /// Probability of replacing a label by the null class (classifier-free guidance).
     pub class_dropout_prob: f64,
+    /// `DiT` (diffusion, ε-MSE + VB) or `SiT` (flow matching). Default: DiT from scratch (or
+    /// `SiT` when `model` is a `SiT-…` preset); fine-tuning keeps the checkpoint's family.
+    pub family: Option<String>,
+    /// SiT path: `linear` (default), `gvp` or `vp`.
+    pub path_type: String,
+    /// SiT prediction: `velocity` (default), `score` or `noise`.
+    pub prediction: String,
 
     // --- data ---
     /// IDX image file, ImageFolder directory, or a latent cache from `dydit prepare-latents`.
@@ -109,6 +116,9 @@ impl Default for TrainConfig {
             router_format: "new".into(),
             reorder_by_importance: false,
             importance_batches: 8,
+            family: None,
+            path_type: "linear".into(),
+            prediction: "velocity".into(),
             router_lr: None,
             steps: 10_000,
             batch_size: 32,
@@ -157,6 +167,32 @@ impl TrainConfig {
     }
 
     /// Checks values that would otherwise fail late or silently; errors name the field.
+    /// The family stated by the config (`family`, else a `SiT-…` preset name), if any.
+    pub fn stated_family(&self) -> anyhow::Result<Option<crate::models::family::ModelFamily>> {
+        use crate::models::family::ModelFamily;
+        Ok(match &self.family {
+            Some(f) => Some(ModelFamily::parse(f)?),
+            None => self
+                .model
+                .as_deref()
+                .and_then(ModelFamily::from_preset_name),
+        })
+    }
+
+    /// SiT's transport from `path_type` and `prediction` (SiT's default epsilons).
+    pub fn transport(&self) -> anyhow::Result<crate::flow::transport::Transport> {
+        use crate::flow::transport::{LossWeight, Transport};
+        let path = self
+            .path_type
+            .parse()
+            .map_err(|e| anyhow::anyhow!("path_type: {e}"))?;
+        let pred = self
+            .prediction
+            .parse()
+            .map_err(|e| anyhow::anyhow!("prediction: {e}"))?;
+        Transport::new(path, pred, LossWeight::None, None, None)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.steps > 0, "steps must be > 0");
         anyhow::ensure!(self.batch_size > 0, "batch_size must be > 0");
@@ -183,6 +219,11 @@ impl TrainConfig {
                 "target_ratio must be in (0, 1], got {l}"
             );
         }
+        if let Some(f) = &self.family {
+            crate::models::family::ModelFamily::parse(f)
+                .map_err(|e| anyhow::anyhow!("family: {e}"))?;
+        }
+        self.transport().map_err(|e| anyhow::anyhow!("{e:#}"))?;
         anyhow::ensure!(
             matches!(self.router_format.as_str(), "new" | "old"),
             "router_format must be 'new' or 'old', got '{}'",

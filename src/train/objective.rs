@@ -1,23 +1,142 @@
-//! One training step's loss, as in the official recipe: ε-MSE + VB on the routed (hard
+//! One training step's loss, as in the official recipe: the model loss on the routed (hard
 //! Gumbel-sigmoid) model, the optional complete-model loss on the same x_t, t and noise, and the
-//! FLOPs loss toward the current target ratio.
+//! FLOPs loss toward the current target ratio. The model loss is DiT's ε-MSE + VB (diffusion) or
+//! SiT's velocity regression (flow matching); the dynamic terms are the same for both.
 
 use super::flops_loss::FlopsLoss;
 use super::gumbel::gumbel_sigmoid_ste;
 use crate::diffusion::losses::{q_sample, training_losses};
 use crate::diffusion::Schedule;
-use crate::models::dit::{Dit, Gate, MaskSource};
+use crate::flow::transport::{IntervalQuery, Transport};
+use crate::models::dit::{Dit, DynMasks, Gate, MaskSource};
 use candle::{Device, Result, Tensor};
 use rand::rngs::StdRng;
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// One batch: clean data, labels (already with CFG label dropout), timesteps and noise.
+/// One batch: clean data, labels (already with CFG label dropout), times and noise.
 pub struct Batch {
+    /// Clean data (SiT calls it x₁).
     pub x0: Tensor,
     pub y: Vec<u32>,
-    pub t: Vec<usize>,
+    pub t: Times,
+    /// Standard normal noise (SiT's x₀).
     pub noise: Tensor,
+}
+
+/// The times of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Times {
+    /// Diffusion steps in [0, T).
+    Steps(Vec<usize>),
+    /// Flow time in [0, 1] (t = 0 noise, t = 1 data).
+    Flow(Vec<f32>),
+}
+
+impl Times {
+    /// What the timestep embedder sees.
+    pub fn model_t(&self) -> Vec<f32> {
+        match self {
+            Times::Steps(t) => t.iter().map(|&t| t as f32).collect(),
+            Times::Flow(t) => t.clone(),
+        }
+    }
+}
+
+/// What the network is trained to do.
+pub enum Objective {
+    /// DiT / ADM: ε-MSE + VB (learned σ) over discrete timesteps.
+    Diffusion(Box<Schedule>),
+    /// SiT: flow matching on continuous t with SiT's transport (path and prediction).
+    Flow(Transport),
+}
+
+impl Objective {
+    /// The objective of a run: SiT's transport for the flow family, else DiT's diffusion.
+    pub fn for_config(cfg: &super::config::TrainConfig) -> anyhow::Result<Self> {
+        let family = cfg.stated_family()?.unwrap_or_default();
+        Ok(if family.is_flow() {
+            Objective::Flow(cfg.transport()?)
+        } else {
+            Objective::Diffusion(Box::new(Schedule::respaced(
+                &crate::diffusion::schedule::linear_betas(cfg.diffusion_steps),
+                "",
+            )?))
+        })
+    }
+
+    /// The times of a batch of `b`: sample i draws uniformly from quarter (i mod 4) of the
+    /// range when `stratified` (upstream `--t_sample`), else from the whole range.
+    pub fn draw_times(&self, b: usize, stratified: bool, rng: &mut StdRng) -> Times {
+        match self {
+            Objective::Diffusion(s) => {
+                Times::Steps(draw_timesteps(b, s.num_steps(), stratified, rng))
+            }
+            Objective::Flow(tr) => {
+                let (t0, t1) = tr.interval(IntervalQuery::TRAIN);
+                let (t0, t1) = (t0 as f32, t1 as f32);
+                let q = (t1 - t0) / 4.0;
+                Times::Flow(
+                    (0..b)
+                        .map(|i| {
+                            let u: f32 = rng.random();
+                            if stratified {
+                                t0 + q * ((i % 4) as f32 + u)
+                            } else {
+                                t0 + (t1 - t0) * u
+                            }
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Mean model loss of `dit` on `batch` with the given masks, its logged parts (mse, vb) and
+    /// the masks the forward used.
+    pub fn model_loss(
+        &self,
+        dit: &Dit,
+        batch: &Batch,
+        masks: MaskSource,
+    ) -> Result<(Tensor, f64, f64, Option<DynMasks>)> {
+        match (self, &batch.t) {
+            (Objective::Diffusion(sched), Times::Steps(t)) => {
+                let x_t = q_sample(sched, &batch.x0, t, &batch.noise)?;
+                let tf = batch.t.model_t();
+                let (out, m) = dit.forward_dense(&x_t, &tf, &batch.y, masks, true)?;
+                let terms = training_losses(sched, &out, &batch.x0, &x_t, t, &batch.noise)?;
+                Ok((
+                    terms.loss.mean_all()?,
+                    scalar(&terms.mse.mean_all()?)?,
+                    scalar(&terms.vb.mean_all()?)?,
+                    m,
+                ))
+            }
+            (Objective::Flow(tr), Times::Flow(t)) => {
+                let c = dit.cfg.in_channels;
+                let mut masks = Some(masks);
+                let mut used = None;
+                // SiT's loss (golden-tested) on the network's first C_in channels: the learned
+                // variance channels of a `learn_sigma` backbone are not trained by flow matching.
+                let mut pred = |xt: &Tensor, tt: &[f32]| -> Result<Tensor> {
+                    let src = masks.take().ok_or_else(|| {
+                        candle::Error::Msg("flow loss: the network is called once".into())
+                    })?;
+                    let (out, m) = dit.forward_dense(xt, tt, &batch.y, src, true)?;
+                    used = m;
+                    out.narrow(1, 0, c)
+                };
+                let terms = tr.training_losses(&mut pred, &batch.x0, t, &batch.noise)?;
+                let loss = terms.loss.mean_all()?;
+                let mse = scalar(&loss)?;
+                Ok((loss, mse, 0.0, used))
+            }
+            _ => Err(candle::Error::Msg(
+                "internal: batch times do not match the objective".into(),
+            )),
+        }
+    }
 }
 
 /// Timesteps for a batch: sample i draws uniformly from quarter (i mod 4) of [0, T) when
@@ -72,20 +191,17 @@ fn scalar(t: &Tensor) -> Result<f64> {
 /// Gumbel-sigmoid straight-through gates drawn from `rng`.
 pub fn step_loss(
     dit: &Dit,
-    sched: &Schedule,
+    objective: &Objective,
     batch: &Batch,
     dynamic: Option<DynamicTerms>,
     rng: &mut StdRng,
 ) -> Result<StepLoss> {
-    let x_t = q_sample(sched, &batch.x0, &batch.t, &batch.noise)?;
-    let tf: Vec<f32> = batch.t.iter().map(|&t| t as f32).collect();
     let Some(d) = dynamic else {
-        let (out, _) = dit.forward_dense(&x_t, &tf, &batch.y, MaskSource::Complete, true)?;
-        let terms = training_losses(sched, &out, &batch.x0, &x_t, &batch.t, &batch.noise)?;
+        let (total, mse, vb, _) = objective.model_loss(dit, batch, MaskSource::Complete)?;
         return Ok(StepLoss {
-            total: terms.loss.mean_all()?,
-            mse: scalar(&terms.mse.mean_all()?)?,
-            vb: scalar(&terms.vb.mean_all()?)?,
+            total,
+            mse,
+            vb,
             flops_loss: None,
             ratio: None,
             complete_loss: None,
@@ -94,24 +210,21 @@ pub fn step_loss(
     let tau = d.tau;
     let mut gs = |l: &Tensor| gumbel_sigmoid_ste(l, tau, rng);
     let mut gate = Gate::Custom(&mut gs);
-    let (out, masks) =
-        dit.forward_dense(&x_t, &tf, &batch.y, MaskSource::Routers(&mut gate), true)?;
+    let (loss, mse, vb, masks) =
+        objective.model_loss(dit, batch, MaskSource::Routers(&mut gate))?;
     let masks = masks.ok_or_else(|| candle::Error::Msg("fine-tuning needs a DyDiT".into()))?;
-    let terms = training_losses(sched, &out, &batch.x0, &x_t, &batch.t, &batch.noise)?;
     let fl = d.flops.compute(&masks, d.target)?;
-    let mut total = (terms.loss.mean_all()? + &fl.loss)?;
+    let mut total = (loss + &fl.loss)?;
     let mut complete_loss = None;
     if d.complete {
-        let (full, _) = dit.forward_dense(&x_t, &tf, &batch.y, MaskSource::Complete, true)?;
-        let ft = training_losses(sched, &full, &batch.x0, &x_t, &batch.t, &batch.noise)?;
-        let fm = ft.loss.mean_all()?;
+        let (fm, _, _, _) = objective.model_loss(dit, batch, MaskSource::Complete)?;
         complete_loss = Some(scalar(&fm)?);
         total = (total + fm)?;
     }
     Ok(StepLoss {
         total,
-        mse: scalar(&terms.mse.mean_all()?)?,
-        vb: scalar(&terms.vb.mean_all()?)?,
+        mse,
+        vb,
         flops_loss: Some(scalar(&fl.loss)?),
         ratio: Some(scalar(&fl.rate)?),
         complete_loss,

@@ -5,13 +5,10 @@
 //! most important. The permutation leaves the DiT function unchanged.
 
 use super::config::TrainConfig;
-use super::objective::{draw_timesteps, normal, Batch};
+use super::objective::{normal, Batch, Objective};
 use super::params::Params;
 use super::trainer::mix;
 use crate::data::Dataset;
-use crate::diffusion::losses::{q_sample, training_losses};
-use crate::diffusion::schedule::linear_betas;
-use crate::diffusion::Schedule;
 use crate::models::dit::MaskSource;
 use crate::models::DitConfig;
 use candle::{Device, Tensor, Var};
@@ -26,8 +23,10 @@ pub struct Importance {
 }
 
 /// Accumulated |∂L/∂m| of all-ones unit multipliers over `batches` batches of `data`.
+#[allow(clippy::too_many_arguments)]
 pub fn importance(
     cfg: &DitConfig,
+    objective: &Objective,
     tensors: &HashMap<String, Tensor>,
     data: &dyn Dataset,
     batches: usize,
@@ -37,7 +36,6 @@ pub fn importance(
 ) -> anyhow::Result<Importance> {
     let params = Params::from_upstream(cfg, tensors, device)?;
     let model = params.model()?;
-    let sched = Schedule::respaced(&linear_betas(1000), "")?;
     let h = cfg.num_heads;
     let units: Vec<(Var, Var)> = (0..cfg.depth)
         .map(|_| {
@@ -65,16 +63,10 @@ pub fn importance(
             y.push(data.load(idx, false, mix(seed, (k * batch_size + i) as u64), out)?);
         }
         let x0 = Tensor::from_vec(buf, (batch_size, c, hh, ww), device)?;
-        let t = draw_timesteps(batch_size, 1000, true, &mut rng);
+        let t = objective.draw_times(batch_size, true, &mut rng);
         let noise = normal(&[batch_size, c, hh, ww], &mut rng, device)?;
         let b = Batch { x0, y, t, noise };
-        let x_t = q_sample(&sched, &b.x0, &b.t, &b.noise)?;
-        let tf: Vec<f32> = b.t.iter().map(|&v| v as f32).collect();
-        let (out, _) =
-            model.forward_dense(&x_t, &tf, &b.y, MaskSource::Units(&unit_tensors), true)?;
-        let loss = training_losses(&sched, &out, &b.x0, &x_t, &b.t, &b.noise)?
-            .loss
-            .mean_all()?;
+        let (loss, _, _, _) = objective.model_loss(&model, &b, MaskSource::Units(&unit_tensors))?;
         let grads = loss.backward()?;
         for (l, (a, g)) in units.iter().enumerate() {
             for (dst, var) in [(&mut imp.heads[l], a), (&mut imp.groups[l], g)] {
@@ -150,8 +142,10 @@ pub fn reorder_by_importance(
     tc: &TrainConfig,
     device: &Device,
 ) -> anyhow::Result<String> {
+    let objective = Objective::for_config(tc)?;
     let imp = importance(
         cfg,
+        &objective,
         tensors,
         data,
         tc.importance_batches.max(1),

@@ -8,12 +8,10 @@
 use super::checkpoint::{self, Groups, TrainState};
 use super::config::TrainConfig;
 use super::flops_loss::{target_ratio, FlopsLoss};
-use super::objective::{draw_timesteps, normal, step_loss, Batch, DynamicTerms};
+use super::objective::{normal, step_loss, Batch, DynamicTerms, Objective};
 use super::optim::{as_tensors, as_vecs, grad_norm, AdamW, AdamWConfig, Ema};
 use super::params::Params;
 use crate::data::{open_dataset, Dataset, DatasetSpec};
-use crate::diffusion::schedule::linear_betas;
-use crate::diffusion::Schedule;
 use crate::dynamic::router::RouterFormat;
 use crate::models::dit::Dit;
 use crate::models::init::{attach_routers, init_tensors, Init};
@@ -70,7 +68,7 @@ pub struct Trainer {
     pub state: TrainState,
     pub class_names: Vec<String>,
     data: Box<dyn Dataset>,
-    sched: Schedule,
+    objective: Objective,
     flops: Option<FlopsLoss>,
     perm: (u64, Vec<usize>),
     log: Option<std::fs::File>,
@@ -140,6 +138,12 @@ impl Trainer {
             "--target-ratio is required for fine-tuning (e.g. 0.5)"
         );
         let ck = crate::io::checkpoint::load(&from)?;
+        // Keep the checkpoint's family (a SiT stays a SiT) unless the config names one.
+        let mut cfg = cfg;
+        if cfg.family.is_none() {
+            let f = crate::models::load::resolve_family(&ck, None)?;
+            cfg.family = Some(f.name().to_string());
+        }
         // The checkpoint's own config wins; `model` names the architecture of files without one.
         let model_cfg = match crate::models::load::resolve_config(&ck, None, None) {
             Ok(c) => c,
@@ -242,7 +246,11 @@ impl Trainer {
             }
         }
         let ema = Ema::new(cfg.ema_decay, &params.vars)?;
-        let sched = Schedule::respaced(&linear_betas(cfg.diffusion_steps), "")?;
+        let family = cfg.stated_family()?.unwrap_or_default();
+        let objective = Objective::for_config(&cfg)?;
+        // The resolved family is part of the run's config (checkpoints, resume, export).
+        let mut cfg = cfg;
+        cfg.family = Some(family.name().to_string());
         let flops = params.dynamic.map(|_| FlopsLoss {
             weight: cfg.flops_weight,
             ..FlopsLoss::for_config(&params.cfg)
@@ -263,7 +271,7 @@ impl Trainer {
             state,
             class_names,
             data,
-            sched,
+            objective,
             flops,
             perm: (u64::MAX, vec![]),
             log: None,
@@ -322,7 +330,9 @@ impl Trainer {
             .into_iter()
             .map(|l| if rng.random_bool(p) { null } else { l })
             .collect();
-        let t = draw_timesteps(b, self.sched.num_steps(), self.cfg.stratified_t, &mut rng);
+        let t = self
+            .objective
+            .draw_times(b, self.cfg.stratified_t, &mut rng);
         let noise = normal(&[b, c, h, w], &mut rng, &dev)?;
         Ok((Batch { x0, y, t, noise }, rng))
     }
@@ -341,7 +351,7 @@ impl Trainer {
             tau: self.cfg.tau,
             complete: step < self.cfg.complete_steps(),
         });
-        let loss = step_loss(&self.model, &self.sched, &batch, dynamic, &mut rng)?;
+        let loss = step_loss(&self.model, &self.objective, &batch, dynamic, &mut rng)?;
         let grads = loss.total.backward()?;
         let g: Vec<Option<Tensor>> = self
             .params
@@ -408,7 +418,7 @@ impl Trainer {
     /// The EMA model alone (what sampling uses), as an upstream-format safetensors file.
     pub fn export(&self, path: &Path) -> anyhow::Result<()> {
         let g = self.groups()?;
-        let meta = std::collections::HashMap::from([
+        let mut meta = std::collections::HashMap::from([
             (
                 crate::models::load::META_CONFIG.to_string(),
                 serde_json::to_string(&self.params.cfg)?,
@@ -426,6 +436,9 @@ impl Trainer {
                 serde_json::to_string(&self.state)?,
             ),
         ]);
+        if let Some(f) = &self.cfg.family {
+            meta.insert(crate::models::load::META_FAMILY.to_string(), f.clone());
+        }
         crate::io::checkpoint::save_safetensors(path, &g.ema, &meta)
     }
 
