@@ -51,13 +51,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         sched.timestep_map.iter().map(|&t| t as f32).collect()
     };
     let table = dit.mask_table(&grid, a.router_offset)?;
-    let title = format!(
-        "{} (offset {})",
-        ckpt.file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        a.router_offset
-    );
+    // A run's export is always `model.safetensors`: name it by its run directory instead.
+    let name = match (ckpt.file_name(), ckpt.parent().and_then(|p| p.file_name())) {
+        (Some(f), Some(dir)) if f == "model.safetensors" => dir.to_string_lossy().into_owned(),
+        (Some(f), _) => f.to_string_lossy().into_owned(),
+        _ => ckpt.display().to_string(),
+    };
+    let title = format!("{name} (offset {})", a.router_offset);
     crate::io::image::save_png(&crate::viz::plots::width_plot(&table, &title), &a.out)?;
     let fr = table.active_fractions();
     let mean_h = fr.iter().map(|f| f.0).sum::<f64>() / fr.len() as f64;
