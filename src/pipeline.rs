@@ -99,6 +99,36 @@ pub struct Generated {
     pub model_calls: usize,
 }
 
+/// The CFG batch: with guidance the state is [z; z] and the labels [y; null], else z and y.
+fn cfg_batch(dit: &Dit, z: Tensor, labels: &[u32], cfg: bool) -> Result<(Tensor, Vec<u32>)> {
+    if !cfg {
+        return Ok((z, labels.to_vec()));
+    }
+    let null = dit.cfg.null_class() as u32;
+    let mut y = labels.to_vec();
+    y.extend(std::iter::repeat_n(null, labels.len()));
+    Ok((Tensor::cat(&[&z, &z], 0)?, y))
+}
+
+/// Runs a sampler on the static model or on the dynamic runner (mask table over `times` when
+/// they are known), returning the dynamic runner's call records.
+fn with_engine<T>(
+    dit: &Dit,
+    times: Option<&[f32]>,
+    engine: Engine,
+    run: &mut dyn FnMut(&mut dyn ConditionalModel) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Vec<CallRecord>)> {
+    match engine {
+        Engine::Static => Ok((run(&mut StaticRunner(dit))?, vec![])),
+        Engine::Dynamic(opts) => {
+            let mut r = DynamicRunner::new(dit, times, opts)?;
+            r.record = true;
+            let out = run(&mut r)?;
+            Ok((out, r.records))
+        }
+    }
+}
+
 /// Generates `labels.len()` samples whose global indices start at `first` (noise streams).
 /// `on_step(done, total)` reports progress.
 pub fn generate(
@@ -118,14 +148,7 @@ pub fn generate(
     let z = noise
         .initial(n, &[c, s, s], &dit.device)?
         .to_dtype(dit.dtype)?;
-    let (x0, y) = if cfg {
-        let null = dit.cfg.null_class() as u32;
-        let mut y = labels.to_vec();
-        y.extend(std::iter::repeat_n(null, n));
-        (Tensor::cat(&[&z, &z], 0)?, y)
-    } else {
-        (z, labels.to_vec())
-    };
+    let (x0, y) = cfg_batch(dit, z, labels, cfg)?;
     let var = if dit.cfg.learn_sigma {
         VarianceKind::LearnedRange
     } else {
@@ -157,16 +180,8 @@ pub fn generate(
             &mut cb,
         )?)
     };
-    let (x, records) = match engine {
-        Engine::Static => (run(&mut StaticRunner(dit))?, vec![]),
-        Engine::Dynamic(opts) => {
-            let grid: Vec<f32> = sched.timestep_map.iter().map(|&t| t as f32).collect();
-            let mut r = DynamicRunner::new(dit, Some(&grid), opts)?;
-            r.record = true;
-            let x = run(&mut r)?;
-            (x, r.records)
-        }
-    };
+    let grid: Vec<f32> = sched.timestep_map.iter().map(|&t| t as f32).collect();
+    let (x, records) = with_engine(dit, Some(&grid), engine, &mut run)?;
     Ok(Generated {
         latents: x.narrow(0, 0, n)?,
         records,
@@ -203,14 +218,7 @@ pub fn generate_flow(
     let s = dit.cfg.input_size;
     let mut noise = PerSampleNoise::new(spec.seed, first, n, cfg);
     let z = noise.initial(n, &[c, s, s], &dit.device)?;
-    let (x0, y) = if cfg {
-        let null = dit.cfg.null_class() as u32;
-        let mut y = labels.to_vec();
-        y.extend(std::iter::repeat_n(null, n));
-        (Tensor::cat(&[&z, &z], 0)?, y)
-    } else {
-        (z, labels.to_vec())
-    };
+    let (x0, y) = cfg_batch(dit, z, labels, cfg)?;
     let times = spec.sampler.model_times()?;
     let planned = times.as_ref().map_or(0, Vec::len);
     let mut run = |model: &mut dyn ConditionalModel| -> anyhow::Result<(Tensor, usize)> {
@@ -235,15 +243,7 @@ pub fn generate_flow(
         let x = out.states.last().expect("a final state").clone();
         Ok((x, out.calls))
     };
-    let ((x, calls), records) = match engine {
-        Engine::Static => (run(&mut StaticRunner(dit))?, vec![]),
-        Engine::Dynamic(opts) => {
-            let mut r = DynamicRunner::new(dit, times.as_deref(), opts)?;
-            r.record = true;
-            let out = run(&mut r)?;
-            (out, r.records)
-        }
-    };
+    let ((x, calls), records) = with_engine(dit, times.as_deref(), engine, &mut run)?;
     Ok(Generated {
         latents: x.narrow(0, 0, n)?,
         records,
