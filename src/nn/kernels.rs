@@ -142,7 +142,7 @@ pub(crate) fn f32_slice_mut<'a>(
 }
 
 /// Whether the fast CPU kernels apply: contiguous f32 on the CPU, no autograd.
-fn fast_ok(ts: &[&Tensor]) -> bool {
+pub(crate) fn fast_ok(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle::DType::F32 && !t.track_op())
 }

@@ -67,14 +67,8 @@ impl Linear {
 
 /// Whether the fused CPU op applies: f32 CPU tensors, no autograd, contiguous weight and bias.
 fn fused_ok(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
-    let ok = |t: &Tensor| {
-        t.device().is_cpu() && t.dtype() == candle::DType::F32 && !t.track_op() && t.is_contiguous()
-    };
-    x.device().is_cpu()
-        && x.dtype() == candle::DType::F32
-        && !x.track_op()
-        && ok(w)
-        && b.is_none_or(ok)
+    let params_ok = w.is_contiguous() && b.is_none_or(|b| b.is_contiguous());
+    params_ok && super::kernels::fast_ok(&[x, w]) && b.is_none_or(|b| super::kernels::fast_ok(&[b]))
 }
 
 /// `x [M, K] · wᵀ (w [N, K]) (+ b [N])` into a fresh `[M, N]` buffer.
