@@ -142,11 +142,9 @@ pub fn generate(
     let sched = Schedule::new(&spec.steps)?;
     let n = labels.len();
     let cfg = spec.cfg_scale > 1.0;
-    let c = dit.cfg.in_channels;
-    let s = dit.cfg.input_size;
     let mut noise = PerSampleNoise::new(spec.seed, first, n, cfg);
     let z = noise
-        .initial(n, &[c, s, s], &dit.device)?
+        .initial(n, &dit.cfg.sample_shape(), &dit.device)?
         .to_dtype(dit.dtype)?;
     let (x0, y) = cfg_batch(dit, z, labels, cfg)?;
     let var = if dit.cfg.learn_sigma {
@@ -160,7 +158,7 @@ pub fn generate(
             model,
             y: y.clone(),
             cfg_scale: cfg.then_some(spec.cfg_scale),
-            guided_channels: 3.min(c),
+            guided_channels: dit.cfg.guided_channels(),
             last_raw: None,
         };
         let mut cb = |r: StepRecord| -> Result<()> {
@@ -215,9 +213,8 @@ pub fn generate_flow(
     let n = labels.len();
     let cfg = spec.cfg_scale > 1.0;
     let c = dit.cfg.in_channels;
-    let s = dit.cfg.input_size;
     let mut noise = PerSampleNoise::new(spec.seed, first, n, cfg);
-    let z = noise.initial(n, &[c, s, s], &dit.device)?;
+    let z = noise.initial(n, &dit.cfg.sample_shape(), &dit.device)?;
     let (x0, y) = cfg_batch(dit, z, labels, cfg)?;
     let times = spec.sampler.model_times()?;
     let planned = times.as_ref().map_or(0, Vec::len);
@@ -227,7 +224,7 @@ pub fn generate_flow(
             y: y.clone(),
             cfg_scale: cfg.then_some(spec.cfg_scale),
             in_channels: c,
-            guided_channels: 3.min(c),
+            guided_channels: dit.cfg.guided_channels(),
         };
         let mut calls = 0;
         let out = spec.sampler.sample(

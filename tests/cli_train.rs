@@ -562,3 +562,142 @@ fn eval_writes_fid_and_protocol() {
         "--num-samples",
     );
 }
+
+/// Latte end to end: moving clips made from an IDX set → train a Latte → fine-tune a DyLatte →
+/// sample animated GIFs (sheet, one per sample, PNG frames) with the dynamic engine.
+#[test]
+fn latte_train_dylatte_finetune_and_gif_sampling() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let data = data.to_str().unwrap();
+    let latte_dir = d.path().join("latte");
+    let clips = [
+        "--moving-frames",
+        "4",
+        "--moving-item",
+        "4",
+        "--pad-to",
+        "8",
+    ];
+    let mut args = vec![
+        "train",
+        "--data",
+        data,
+        "--steps",
+        "3",
+        "--out",
+        latte_dir.to_str().unwrap(),
+    ];
+    args.extend(clips);
+    args.extend(TINY);
+    let out = ok(&run(&args));
+    assert!(out.contains("training Latte"), "{out}");
+    assert!(out.contains("moving"), "{out}");
+    let ft_dir = d.path().join("dylatte");
+    // Fine-tuning on the still images is refused with a hint.
+    let o = run(&[
+        "finetune",
+        "--from",
+        latte_dir.join("model.safetensors").to_str().unwrap(),
+        "--data",
+        data,
+        "--target-ratio",
+        "0.5",
+        "--out",
+        ft_dir.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "--moving-frames");
+    let o = ok(&run(&[
+        "finetune",
+        "--from",
+        latte_dir.join("model.safetensors").to_str().unwrap(),
+        "--data",
+        data,
+        "--moving-frames",
+        "4",
+        "--moving-item",
+        "4",
+        "--pad-to",
+        "8",
+        "--target-ratio",
+        "0.5",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--reorder-by-importance",
+        "--importance-batches",
+        "1",
+        "--out",
+        ft_dir.to_str().unwrap(),
+    ]));
+    assert!(o.contains("fine-tuning DyLatte"), "{o}");
+    let steps: Vec<_> = log_events(&ft_dir)
+        .into_iter()
+        .filter(|e| e["event"] == "step")
+        .collect();
+    assert_eq!(steps.len(), 3);
+    for s in &steps {
+        assert!(s["ratio"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["loss"].as_f64().unwrap().is_finite(), "{s}");
+    }
+    let out = d.path().join("v.png");
+    let frames = d.path().join("frames");
+    let o = run(&[
+        "sample",
+        "--ckpt",
+        ft_dir.join("model.safetensors").to_str().unwrap(),
+        "--class",
+        "0,1,2",
+        "--num-steps",
+        "3",
+        "--png-frames",
+        frames.to_str().unwrap(),
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(ok(&o).lines().next().unwrap()).unwrap();
+    assert_eq!(v["dynamic"], true, "{v}");
+    assert_eq!(v["frames"], 4, "{v}");
+    assert!(v["dynamic_gflops"].as_f64().unwrap() > 0.0, "{v}");
+    let sheet = d.path().join("v.gif");
+    assert_eq!(v["out"], sheet.to_str().unwrap(), "{v}");
+    let decoded = |p: &Path| {
+        use image::AnimationDecoder;
+        let f = std::io::BufReader::new(std::fs::File::open(p).unwrap());
+        image::codecs::gif::GifDecoder::new(f)
+            .unwrap()
+            .into_frames()
+            .collect_frames()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(decoded(&sheet), 4);
+    let per: Vec<_> = std::fs::read_dir(d.path().join("v"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(per.len(), 3, "{per:?}");
+    assert!(per.iter().all(|p| decoded(p) == 4));
+    assert_eq!(std::fs::read_dir(&frames).unwrap().count(), 3 * 4);
+    // Image-only flags are refused for a video model, and video flags for an image model.
+    let o = run(&[
+        "sample",
+        "--ckpt",
+        latte_dir.join("model.safetensors").to_str().unwrap(),
+        "--npz",
+        d.path().join("x.npz").to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "video model");
+    let o = run(&[
+        "sample",
+        "--ckpt",
+        "fmnist-dit",
+        "--png-frames",
+        frames.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "--png-frames");
+}

@@ -23,6 +23,7 @@ fn cfg(depth: usize, heads: usize) -> DitConfig {
         num_classes: 10,
         learn_sigma: true,
         class_dropout_prob: 0.1,
+        num_frames: None,
     }
 }
 
@@ -333,4 +334,107 @@ fn contiguous_head_runs_are_zero_copy_views() {
     // here: a prefix slice of 2 heads has 2·3·Dh qkv rows.
     let a = AttnWeights::slice(&blk.qkv, &blk.proj, prefix, blk.head_dim()).unwrap();
     assert_eq!(a.qkv.weight.dims()[0], 2 * 3 * blk.head_dim());
+}
+
+/// A DyLatte: 2 spatial + 2 temporal blocks over 3 frames.
+fn latte_cfg() -> DitConfig {
+    DitConfig {
+        num_frames: Some(3),
+        ..cfg(4, 4)
+    }
+}
+
+/// DyLatte's sliced/ragged inference equals the dense masked formulation in both block kinds:
+/// outputs, TDW masks, and the token masks (spatial rows are (sample, frame) sequences of
+/// patches, temporal rows (sample, patch) sequences of frames; both map to (frame, patch)).
+#[test]
+fn dylatte_sliced_ragged_equals_dense_masked() {
+    let c = latte_cfg();
+    let m = model(&c, RouterFormat::New, 7, |t| {
+        tokens_bias(t, 1, 0.3);
+        tokens_bias(t, 2, -0.2);
+    });
+    let b = 2;
+    let (f, n) = (3, c.num_tokens());
+    let x = Tensor::randn(
+        0f32,
+        1.0,
+        [&[b][..], &c.sample_shape()].concat(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = vec![1u32, 10];
+    let mut partial = 0;
+    for t in [0.0, 400.0, 999.0] {
+        let widths = m.widths_at(t, 0.0).unwrap();
+        let mut cache = SliceCache::new(1 << 30);
+        let (fast, sel) = m
+            .forward_dynamic(&x, t, &y, &widths, &mut cache, Some(0.0))
+            .unwrap();
+        let (dense, masks) = m
+            .forward_masked(&x, &[t; 2], &y, &mut Gate::Hard { offset: 0.0 }, false)
+            .unwrap();
+        assert_eq!(fast.dims(), &[b, 8, f, 8, 8]);
+        let err = max_rel_err(&fast, &dense).unwrap();
+        assert!(err < 2e-5, "t {t}: sliced vs masked differ: {err}");
+        let tok = masks.unwrap().token.to_vec3::<f32>().unwrap(); // [B, L, F·N]
+        for (l, s) in sel.iter().enumerate() {
+            let s = s.as_ref().unwrap();
+            let on = tok
+                .iter()
+                .flat_map(|smp| &smp[l])
+                .filter(|&&v| v == 1.0)
+                .count();
+            assert_eq!(s.len(), on, "t {t} layer {l}: selected rows vs mask");
+            for (bi, per_sample) in tok.iter().enumerate() {
+                for fi in 0..f {
+                    for ni in 0..n {
+                        // The row of token (bi, fi, ni) in this block's view.
+                        let row = if l % 2 == 0 {
+                            (bi * f + fi) * n + ni
+                        } else {
+                            (bi * n + ni) * f + fi
+                        };
+                        let sel_on = s.binary_search(&(row as u32)).is_ok();
+                        assert_eq!(
+                            sel_on,
+                            per_sample[l][fi * n + ni] == 1.0,
+                            "l{l} b{bi} f{fi} n{ni}"
+                        );
+                    }
+                }
+            }
+            if s.len() != b * f * n {
+                partial += 1;
+            }
+        }
+    }
+    assert!(partial > 0, "some layer should route a subset of tokens");
+}
+
+/// A Latte with fresh (all-on) routers computes exactly the Latte; wrong input shapes are named.
+#[test]
+fn latte_with_fresh_routers_is_the_latte_and_shapes_are_checked() {
+    let c = latte_cfg();
+    let t = init_tensors(&c, None, Init::Random, 3).unwrap();
+    let plain = build(&c, &t, DType::F32, &Device::Cpu).unwrap();
+    let mut with = t.clone();
+    dydit::models::init::attach_routers(&c, &mut with, RouterFormat::New, 4).unwrap();
+    let dy = build(&c, &with, DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 8, 8), &Device::Cpu).unwrap();
+    let y = [0u32, 3];
+    let st = plain.forward(&x, &[500.0; 2], &y).unwrap();
+    let widths = dy.widths_at(500.0, 0.0).unwrap();
+    let mut cache = SliceCache::new(1 << 20);
+    let (fast, _) = dy
+        .forward_dynamic(&x, 500.0, &y, &widths, &mut cache, Some(0.0))
+        .unwrap();
+    assert_eq!(max_rel_err(&fast, &st).unwrap(), 0.0);
+    let img = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+    let e = plain.forward(&img, &[1.0; 2], &y).unwrap_err().to_string();
+    assert!(e.contains("[B, 4, 3, 8, 8]"), "{e}");
+    // FLOPs: temporal blocks attend over 3 frames, spatial ones over 16 patches.
+    let fm = dydit::dynamic::flops::FlopsModel::new(&c, None);
+    assert!(fm.attn_per_head(0) > fm.attn_per_head(1));
+    assert_eq!(fm.tokens, 3 * 16);
 }

@@ -34,6 +34,7 @@ fn tiny() -> DitConfig {
         num_classes: 3,
         learn_sigma: true,
         class_dropout_prob: 0.1,
+        num_frames: None,
     }
 }
 

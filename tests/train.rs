@@ -30,6 +30,7 @@ fn tiny(in_ch: usize, size: usize) -> DitConfig {
         num_classes: 3,
         learn_sigma: true,
         class_dropout_prob: 0.1,
+        num_frames: None,
     }
 }
 
@@ -45,7 +46,7 @@ fn dydit_params(cfg: &DitConfig, seed: u64) -> Params {
 fn batch(cfg: &DitConfig, b: usize, seed: u64) -> Batch {
     let dev = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(seed);
-    let shape = [b, cfg.in_channels, cfg.input_size, cfg.input_size];
+    let shape = [&[b][..], &cfg.sample_shape()].concat();
     Batch {
         x0: (normal(&shape, &mut rng, &dev).unwrap() * 0.5).unwrap(),
         y: (0..b as u32)
@@ -62,15 +63,28 @@ fn batch(cfg: &DitConfig, b: usize, seed: u64) -> Batch {
 #[test]
 fn every_trainable_tensor_gets_a_gradient() {
     let diffusion = Objective::Diffusion(Box::new(Schedule::new("").unwrap()));
-    every_tensor_gets_a_gradient(&diffusion, batch(&tiny(4, 8), 8, 2));
+    let cfg = tiny(4, 8);
+    every_tensor_gets_a_gradient(&cfg, &diffusion, batch(&cfg, 8, 2));
     let flow = Objective::Flow(Transport::default());
-    let mut b = batch(&tiny(4, 8), 8, 2);
+    let mut b = batch(&cfg, 8, 2);
     b.t = Times::Flow(vec![0.0, 0.1, 0.3, 0.5, 0.6, 0.8, 0.95, 1.0]);
-    every_tensor_gets_a_gradient(&flow, b);
+    every_tensor_gets_a_gradient(&cfg, &flow, b);
+    // DyLatte: routers in spatial and temporal blocks, frame table frozen.
+    let video = tiny_latte();
+    every_tensor_gets_a_gradient(&video, &diffusion, batch(&video, 4, 2));
 }
 
-fn every_tensor_gets_a_gradient(objective: &Objective, batch: Batch) {
-    let cfg = tiny(4, 8);
+/// A Latte of 2 spatial + 2 temporal blocks over 3 frames.
+fn tiny_latte() -> DitConfig {
+    DitConfig {
+        depth: 4,
+        num_frames: Some(3),
+        ..tiny(4, 8)
+    }
+}
+
+fn every_tensor_gets_a_gradient(cfg: &DitConfig, objective: &Objective, batch: Batch) {
+    let cfg = cfg.clone();
     let p = dydit_params(&cfg, 1);
     let model = p.model().unwrap();
     let flops = FlopsLoss::for_config(&cfg);
@@ -157,7 +171,17 @@ fn scalar(t: &Tensor) -> f64 {
 /// included) match central finite differences.
 #[test]
 fn gradients_match_finite_differences() {
-    let cfg = tiny(4, 8);
+    finite_differences(&tiny(4, 8));
+}
+
+/// The same on DyLatte (spatial/temporal views, per-view conditioning, canonical token masks).
+#[test]
+fn latte_gradients_match_finite_differences() {
+    finite_differences(&tiny_latte());
+}
+
+fn finite_differences(cfg: &DitConfig) {
+    let cfg = cfg.clone();
     let spec = DynamicSpec {
         format: RouterFormat::New,
         token_hidden: 2,

@@ -30,6 +30,7 @@ pub fn small_config() -> DitConfig {
         num_classes: 10,
         learn_sigma: true,
         class_dropout_prob: 0.1,
+        num_frames: None,
     }
 }
 

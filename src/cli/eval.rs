@@ -67,6 +67,13 @@ pub struct Args {
     /// Also write a labelled grid of the first 40 samples.
     #[arg(long)]
     pub grid: Option<PathBuf>,
+    /// Video models: frames per sample that enter the per-frame FID, evenly spaced from the
+    /// first to the last (the reference clips contribute the same frames).
+    #[arg(long, default_value_t = 4)]
+    pub eval_frames: usize,
+    /// Video models: garment size of the reference moving-Fashion-MNIST clips (as trained).
+    #[arg(long, default_value_t = 16)]
+    pub moving_item: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -105,26 +112,23 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         (None, true) => anyhow::bail!("this model works in latent space: pass --vae FILE"),
         _ => None,
     };
-    // Reference statistics first (cheap when cached), so a bad --real fails before sampling.
-    let (real_path, cache) = match &a.real {
-        Some(p) => (p.clone(), None),
-        None if std::path::Path::new(FASHION_TEST_STATS).is_file() => {
-            (PathBuf::from(FASHION_TEST_STATS), None)
+    let video = dit.cfg.num_frames;
+    let picks = match video {
+        Some(f) => {
+            anyhow::ensure!(
+                (1..=f).contains(&a.eval_frames),
+                "--eval-frames must be in 1..={f}"
+            );
+            frame_picks(f, a.eval_frames)
         }
-        None => (
-            PathBuf::from(FASHION_TEST),
-            Some(PathBuf::from(FASHION_TEST_STATS)),
-        ),
+        None => vec![],
     };
-    let real = set_stats(&net, &real_path, 50, None, "reference")?;
-    if let Some(c) = cache {
-        if let Some(dir) = c.parent() {
-            std::fs::create_dir_all(dir).ok();
-        }
-        real.stats
-            .save(&c, &Default::default())
-            .with_context(|| format!("caching reference statistics in {}", c.display()))?;
-    }
+    // Reference statistics first (cheap when cached), so a bad --real fails before sampling.
+    let real = if let Some(frames) = video {
+        moving_reference(&net, &a, frames, dit.cfg.input_size, &picks)?
+    } else {
+        image_reference(&net, &a)?
+    };
 
     let flow = lm.family.is_flow().then(|| FlowSpec {
         sampler: FlowSampler {
@@ -187,11 +191,25 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             None => generate(dit, &labels, k as u64, &spec, engine, &mut on_step)?,
         };
         calls += g.model_calls;
-        let px = match &vae {
-            Some(v) => v.decode_latents(&g.latents)?,
-            None => g.latents,
+        let px = match (video, &vae) {
+            (Some(_), vae) => {
+                // Per-frame FID: the chosen frames of every video, as images.
+                let idx = Tensor::from_vec(
+                    picks.iter().map(|&f| f as u32).collect::<Vec<_>>(),
+                    picks.len(),
+                    g.latents.device(),
+                )?;
+                let frames = crate::models::video::frames_of(&g.latents.index_select(&idx, 2)?)?;
+                match vae {
+                    Some(v) => v.decode_latents(&frames)?,
+                    None => frames,
+                }
+            }
+            (None, Some(v)) => v.decode_latents(&g.latents)?,
+            (None, None) => g.latents,
         };
         let imgs = to_images(&px)?;
+        let per = imgs.len() / m;
         sample_s += t0.elapsed().as_secs_f64();
         records.extend(g.records);
         let t1 = Instant::now();
@@ -200,19 +218,23 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             .iter()
             .flat_map(|im| im.as_raw().iter().map(|&v| f32::from(v)))
             .collect();
-        let f = net.features(&Tensor::from_vec(data, (m, h, w, 3), &Device::Cpu)?)?;
+        let f = net.features(&Tensor::from_vec(
+            data,
+            (imgs.len(), h, w, 3),
+            &Device::Cpu,
+        )?)?;
         feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
         fid_s += t1.elapsed().as_secs_f64();
         for (i, im) in imgs.into_iter().enumerate() {
             if grid_imgs.len() < 40 {
-                grid_imgs.push((labels[i], im));
+                grid_imgs.push((labels[i / per], im));
             }
         }
         k += m;
     }
     pb.finish_and_clear();
     let t2 = Instant::now();
-    let fake = FeatureStats::from_rows(&feats, n, 2048)?;
+    let fake = FeatureStats::from_rows(&feats, feats.len() / 2048, 2048)?;
     let fid = real.stats.fid(&fake)?;
     fid_s += t2.elapsed().as_secs_f64();
 
@@ -225,6 +247,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "dynamic": dynamic,
         "protocol": {
             "num_samples": n,
+            "frames_per_sample": video.map(|_| picks.clone()),
             "classes": "balanced: sample k has class k mod num_classes",
             "family": lm.family.name(),
             "sampler": match &flow {
@@ -259,13 +282,19 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             })
             .collect();
         let imgs: Vec<_> = grid_imgs.into_iter().map(|(_, i)| i).collect();
-        save_png(&crate::viz::plots::labelled_grid(&imgs, &caps, 10), g)?;
+        let nrow = if video.is_some() { picks.len() * 2 } else { 10 };
+        save_png(&crate::viz::plots::labelled_grid(&imgs, &caps, nrow), g)?;
     }
     if a.json {
         println!("{result}");
     } else {
         println!(
-            "FID {fid:.3} over {n} samples ({} {} steps, cfg {}, seed {}) against {} | {} GFLOPs/forward{} | {:.3} s/image sampling | saved {}",
+            "{}FID {fid:.3} over {n} samples ({} {} steps, cfg {}, seed {}) against {} | {} GFLOPs/forward{} | {:.3} s/image sampling | saved {}",
+            if video.is_some() {
+                format!("per-frame ({} frames each) ", picks.len())
+            } else {
+                String::new()
+            },
             result["protocol"]["sampler"].as_str().unwrap_or(&a.sampler),
             a.num_steps,
             a.cfg_scale,
@@ -278,4 +307,128 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Reference statistics of an image model: `--real`, else the Fashion-MNIST test split (its
+/// statistics cached in weights/).
+fn image_reference(net: &FidInception, a: &Args) -> anyhow::Result<super::fid::SetStats> {
+    let (real_path, cache) = match &a.real {
+        Some(p) => (p.clone(), None),
+        None if std::path::Path::new(FASHION_TEST_STATS).is_file() => {
+            (PathBuf::from(FASHION_TEST_STATS), None)
+        }
+        None => (
+            PathBuf::from(FASHION_TEST),
+            Some(PathBuf::from(FASHION_TEST_STATS)),
+        ),
+    };
+    let real = set_stats(net, &real_path, 50, None, "reference")?;
+    if let Some(c) = cache {
+        if let Some(dir) = c.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        real.stats
+            .save(&c, &Default::default())
+            .with_context(|| format!("caching reference statistics in {}", c.display()))?;
+    }
+    Ok(real)
+}
+
+/// `k` frame indices evenly spaced over `0..frames` (first and last included when k > 1).
+pub fn frame_picks(frames: usize, k: usize) -> Vec<usize> {
+    if k <= 1 {
+        return vec![0];
+    }
+    (0..k)
+        .map(|j| ((j * (frames - 1)) as f64 / (k - 1) as f64).round() as usize)
+        .collect()
+}
+
+/// Reference statistics of a video model: the same frames of the first `--num-samples` moving
+/// clips made from `--real` (an IDX file; default the Fashion-MNIST test split), cached in
+/// weights/ under a name that records the clip spec.
+fn moving_reference(
+    net: &FidInception,
+    a: &Args,
+    frames: usize,
+    size: usize,
+    picks: &[usize],
+) -> anyhow::Result<super::fid::SetStats> {
+    use crate::data::moving::{MovingFashion, MovingSpec};
+    let default = a.real.is_none();
+    let path = a
+        .real
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(FASHION_TEST));
+    let spec = MovingSpec {
+        frames,
+        size,
+        item: a.moving_item,
+    };
+    let cache = PathBuf::from(format!(
+        "weights/fid_stats_moving_fashion_test_f{frames}_s{size}_i{}_n{}_k{}.safetensors",
+        a.moving_item,
+        a.num_samples,
+        picks
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("-")
+    ));
+    let source = format!(
+        "moving clips of {} ({} clips × frames {:?}, {}² garments on {}²)",
+        path.display(),
+        a.num_samples,
+        picks,
+        a.moving_item,
+        size
+    );
+    if default && cache.is_file() {
+        let stats = FeatureStats::load(&cache)?;
+        return Ok(super::fid::SetStats {
+            stats,
+            source,
+            computed: 0,
+            seconds: 0.0,
+        });
+    }
+    let clips = MovingFashion::open(&path, spec)
+        .with_context(|| format!("--real {}: reference clips", path.display()))?;
+    let n = a.num_samples.min(crate::data::Dataset::len(&clips));
+    anyhow::ensure!(n >= 2, "{}: FID needs at least 2 clips", path.display());
+    let started = Instant::now();
+    let pb = step_bar(n, "reference clips");
+    let px = size * size;
+    let mut feats = Vec::with_capacity(n * picks.len() * 2048);
+    for i0 in (0..n).step_by(32) {
+        let i1 = (i0 + 32).min(n);
+        let mut rgb = Vec::with_capacity((i1 - i0) * picks.len() * px * 3);
+        for i in i0..i1 {
+            let clip = clips.clip(i);
+            for &f in picks {
+                rgb.extend(clip[f * px..(f + 1) * px].iter().flat_map(|&v| {
+                    // The same quantisation as generated frames (`to_images`).
+                    let u = (((v.clamp(-1.0, 1.0) + 1.0) / 2.0) * 255.0 + 0.5).clamp(0.0, 255.0);
+                    [u.floor(); 3]
+                }));
+            }
+        }
+        let t = Tensor::from_vec(rgb, ((i1 - i0) * picks.len(), size, size, 3), &Device::Cpu)?;
+        feats.extend(net.features(&t)?.flatten_all()?.to_vec1::<f32>()?);
+        pb.set_position(i1 as u64);
+    }
+    pb.finish_and_clear();
+    let stats = FeatureStats::from_rows(&feats, feats.len() / 2048, 2048)?;
+    if default {
+        std::fs::create_dir_all("weights").ok();
+        stats
+            .save(&cache, &Default::default())
+            .with_context(|| format!("caching reference statistics in {}", cache.display()))?;
+    }
+    Ok(super::fid::SetStats {
+        stats,
+        source,
+        computed: n * picks.len(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

@@ -124,6 +124,12 @@ pub struct Args {
     /// with `dydit merge-npz`.
     #[arg(long)]
     pub shard: Option<String>,
+    /// Video models (Latte): also write every frame of every sample as a PNG into DIR.
+    #[arg(long)]
+    pub png_frames: Option<PathBuf>,
+    /// Video models: milliseconds per GIF frame.
+    #[arg(long, default_value_t = 100)]
+    pub frame_ms: u32,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -424,6 +430,17 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     )?;
     let dit = &lm.dit;
     let plan = Plan::from_args(&a, lm.family, &ckpt)?;
+    let video = dit.cfg.is_video();
+    anyhow::ensure!(
+        video || a.png_frames.is_none(),
+        "--png-frames applies to video models (Latte); {} is an image model",
+        ckpt.display()
+    );
+    anyhow::ensure!(
+        !video || (a.npz.is_none() && a.token_maps.is_none()),
+        "--npz and --token-maps are for image models; for a video model use `dydit eval` \
+         (per-frame FID) and the GIF output"
+    );
     let latent = dit.cfg.in_channels == 4;
     let vae = match (&a.vae, latent) {
         (Some(p), true) => Some(crate::vae::Vae::load(p, &dev)?),
@@ -482,34 +499,47 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         })?;
         done_before += g.model_calls;
         latents.push(g.latents);
-        token_counts.extend(token_layer_counts(
-            &g.records,
-            chunk.len(),
-            dit.cfg.num_tokens(),
-        ));
+        if !video {
+            token_counts.extend(token_layer_counts(
+                &g.records,
+                chunk.len(),
+                dit.cfg.num_tokens(),
+            ));
+        }
         records.extend(g.records);
     }
     pb.finish_and_clear();
     let sample_s = t0.elapsed().as_secs_f64();
     let latents = candle::Tensor::cat(&latents, 0)?;
     let t1 = Instant::now();
-    let pixels = match &vae {
-        Some(v) => v.decode_latents(&latents)?,
-        None => latents.clone(),
+    let pixels = match (&vae, video) {
+        (Some(v), true) => {
+            let b = latents.dim(0)?;
+            let frames = crate::models::video::frames_of(&latents)?;
+            crate::models::video::video_of(&v.decode_latents(&frames)?, b)?
+        }
+        (Some(v), false) => v.decode_latents(&latents)?,
+        (None, _) => latents.clone(),
     };
     let decode_s = t1.elapsed().as_secs_f64();
-    let imgs = to_images(&pixels)?;
     let captions: Vec<String> = classes
         .iter()
         .filter_map(|&c| lm.class_names.get(c as usize))
         .map(|n| n.split(',').next().unwrap_or(n).trim().to_string())
         .collect();
-    let picture = if a.no_labels || captions.len() != imgs.len() {
-        grid(&imgs, nrow)
+    let (count, out_path) = if video {
+        let out = write_videos(&a, &pixels, &classes, &lm.class_names, nrow)?;
+        (pixels.dim(0)?, out)
     } else {
-        crate::viz::plots::labelled_grid(&imgs, &captions, nrow)
+        let imgs = to_images(&pixels)?;
+        let picture = if a.no_labels || captions.len() != imgs.len() {
+            grid(&imgs, nrow)
+        } else {
+            crate::viz::plots::labelled_grid(&imgs, &captions, nrow)
+        };
+        save_png(&picture, &a.out)?;
+        (imgs.len(), a.out.clone())
     };
-    save_png(&picture, &a.out)?;
     if let Some(dir) = &a.token_maps {
         anyhow::ensure!(
             dynamic,
@@ -518,6 +548,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --token-maps dir {}", dir.display()))?;
         let g = dit.cfg.grid();
+        let imgs = to_images(&pixels)?;
         let (mut maps, mut names) = (Vec::new(), Vec::new());
         for (i, (img, counts)) in imgs.iter().zip(&token_counts).enumerate() {
             let map = crate::viz::plots::token_map(img, counts, g, dit.cfg.depth as f32);
@@ -549,8 +580,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         println!(
             "{}",
             serde_json::json!({
-                "out": a.out.display().to_string(),
-                "images": imgs.len(),
+                "out": out_path.display().to_string(),
+                "images": count,
+                "frames": dit.cfg.num_frames,
                 "classes": classes,
                 "family": lm.family.name(),
                 "steps": steps,
@@ -585,8 +617,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             Plan::Flow(f) => format!("SiT {}, {calls} network calls", f.sampler.describe()),
         };
         println!(
-            "sampled {} images ({how}, cfg {}) in {:.2} s ({:.3} s/step){} → {}",
-            imgs.len(),
+            "sampled {} {} ({how}, cfg {}) in {:.2} s ({:.3} s/step){} → {}",
+            count,
+            match dit.cfg.num_frames {
+                Some(f) => format!("videos of {f} frames"),
+                None => "images".into(),
+            },
             plan.cfg_scale(),
             sample_s,
             sample_s / calls.max(1) as f64,
@@ -595,10 +631,54 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             } else {
                 String::new()
             },
-            a.out.display()
+            out_path.display()
         );
     }
     Ok(0)
+}
+
+/// Video output: one GIF with every sample moving side by side at `--out` (the extension becomes
+/// `.gif`), one GIF per sample in the folder `<out stem>/`, and with `--png-frames DIR` every
+/// frame as a PNG. Returns the sheet's path.
+fn write_videos(
+    a: &Args,
+    pixels: &candle::Tensor,
+    classes: &[u32],
+    class_names: &[String],
+    nrow: usize,
+) -> anyhow::Result<PathBuf> {
+    use crate::io::gif;
+    let range = (-1.0, 1.0);
+    // Fashion-MNIST clips are 32×32: scale small videos up so that a viewer shows them.
+    let side = pixels.dim(3)?;
+    let zoom = (128 / side.max(1)).clamp(1, 4) as u32;
+    let sheet_path = a.out.with_extension("gif");
+    let sheet = gif::video_sheet(pixels, nrow, 2, range)?;
+    gif::write_gif(&sheet_path, &gif::upscale(&sheet, zoom), a.frame_ms)?;
+    let stem = sheet_path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sample".into());
+    let dir = sheet_path.with_file_name(&stem);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the per-sample folder {}", dir.display()))?;
+    for (i, &class) in classes.iter().enumerate().take(pixels.dim(0)?) {
+        let name = class_names
+            .get(class as usize)
+            .cloned()
+            .unwrap_or_else(|| class.to_string());
+        let name = format!("sample_{i:03}_{}", sanitize(&name));
+        let frames = gif::video_frames(&pixels.get(i)?, range)?;
+        gif::write_gif(
+            &dir.join(format!("{name}.gif")),
+            &gif::upscale(&frames, zoom),
+            a.frame_ms,
+        )?;
+        if let Some(png) = &a.png_frames {
+            gif::write_frames_png(png, &name, &frames)?;
+        }
+    }
+    Ok(sheet_path)
 }
 
 /// `--npz`: the samples of this shard, streamed into an ADM-evaluator `.npz`.

@@ -59,6 +59,15 @@ pub struct Overrides {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flip: Option<bool>,
+    /// Video: train on deterministic clips of this many frames made from the IDX images
+    /// (garments bouncing on a --pad-to canvas, default 32); the model becomes a Latte.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving_frames: Option<usize>,
+    /// Side of the moving garment in pixels (default 16).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moving_item: Option<usize>,
     /// Checkpoint to fine-tune (DiT, or a DyDiT to continue).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,11 +263,17 @@ fn run(a: Args, finetune: bool) -> anyhow::Result<i32> {
     let c = &trainer.cfg;
     eprintln!(
         "{} {} ({:.2} M parameters{}) on {}; {} steps of batch {}, lr {:e}; run dir {} (set-up {:.1} s)",
-        match (trainer.is_dynamic(), c.family.as_deref() == Some("SiT")) {
-            (true, true) => "fine-tuning DySiT",
-            (true, false) => "fine-tuning DyDiT",
-            (false, true) => "training SiT",
-            (false, false) => "training DiT",
+        {
+            let arch = match (trainer.params.cfg.is_video(), c.family.as_deref() == Some("SiT")) {
+                (true, _) => "Latte",
+                (false, true) => "SiT",
+                (false, false) => "DiT",
+            };
+            if trainer.is_dynamic() {
+                format!("fine-tuning Dy{arch}")
+            } else {
+                format!("training {arch}")
+            }
         },
         c.model.as_deref().unwrap_or("model"),
         trainer.params.num_elements() as f64 / 1e6,

@@ -21,6 +21,19 @@ pub trait Dataset: Send + Sync {
     fn class_names(&self) -> Vec<String>;
     /// [C, H, W] of one item as the model sees it.
     fn item_shape(&self) -> [usize; 3];
+    /// Frames per item for video datasets (`None`: images). A video item is laid out
+    /// [C, F, H, W] and `item_shape` gives one frame's [C, H, W].
+    fn frames(&self) -> Option<usize> {
+        None
+    }
+    /// One item as the model sees it: `[C, H, W]`, or `[C, F, H, W]` for video.
+    fn sample_shape(&self) -> Vec<usize> {
+        let [c, h, w] = self.item_shape();
+        match self.frames() {
+            Some(f) => vec![c, f, h, w],
+            None => vec![c, h, w],
+        }
+    }
     /// Writes item `i` into `out` (len C·H·W) and returns its label. `flip`: horizontal flip;
     /// a latent cache without flipped encodings returns the unflipped latent (its
     /// `describe()` says "no flips cached"). `seed`: the randomness of this draw (a latent

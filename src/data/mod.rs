@@ -14,5 +14,6 @@ pub mod dataset;
 pub mod idx;
 pub mod image_folder;
 pub mod latents;
+pub mod moving;
 
 pub use dataset::{open_dataset, Dataset, DatasetSpec};

@@ -7,6 +7,11 @@
 //! DyDiT the token routers (they run on every token at every step). Not counted (as in the DiT
 //! paper): normalisations, softmax, activations, residual adds, the label lookup, and the TDW
 //! routers (evaluated once per sampling grid, not per step: 2·L tiny GEMVs per timestep).
+//!
+//! Video (Latte): a sample is F frames of N patches. Spatial blocks attend within frames
+//! (F sequences of N), temporal blocks across frames (N sequences of F), so only the attention
+//! products differ between the two kinds. adaLN vectors are counted once per sample (this crate
+//! computes them once and repeats them; upstream recomputes identical rows per sequence).
 
 use super::masks::LayerWidth;
 use crate::models::DitConfig;
@@ -17,7 +22,10 @@ use serde::Serialize;
 pub struct BlockFlops {
     pub ada: f64,
     /// Per active head: qkv + proj rows (4·N·C·Dh) and attention products (2·N²·Dh).
+    /// Video: the spatial blocks' value (4·F·N·C·Dh + 2·F·N²·Dh).
     pub attn_per_head: f64,
+    /// Video temporal blocks (odd index): 4·F·N·C·Dh + 2·N·F²·Dh.
+    pub temporal_attn_per_head: Option<f64>,
     /// Per active group per routed token: fc1 + fc2 (2·C·group_size).
     pub mlp_per_group_token: f64,
     /// Token router per token (C·h + h) when SDT is on.
@@ -27,6 +35,7 @@ pub struct BlockFlops {
 /// Per-sample MAC model of a DiT/DyDiT config.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlopsModel {
+    /// Tokens per sample (F·N for video).
     pub tokens: usize,
     pub heads: usize,
     pub groups: usize,
@@ -40,36 +49,48 @@ impl FlopsModel {
     /// `token_router_hidden`: Some(h) for DyDiT (C/16 upstream).
     pub fn new(cfg: &DitConfig, token_router_hidden: Option<usize>) -> Self {
         let n = cfg.num_tokens() as f64;
+        let f = cfg.frames() as f64;
         let c = cfg.hidden_size as f64;
         let dh = cfg.head_dim() as f64;
         let p = cfg.patch_size as f64;
         let group = cfg.mlp_hidden() as f64 / cfg.num_heads as f64;
         let freq = crate::nn::embed::FREQ_DIM as f64;
-        let outside = n * c * cfg.in_channels as f64 * p * p
+        let outside = f * n * c * cfg.in_channels as f64 * p * p
             + freq * c
             + c * c
             + c * 2.0 * c
-            + n * c * p * p * cfg.out_channels() as f64;
+            + f * n * c * p * p * cfg.out_channels() as f64;
         Self {
-            tokens: cfg.num_tokens(),
+            tokens: cfg.num_tokens() * cfg.frames(),
             heads: cfg.num_heads,
             groups: cfg.num_heads,
             depth: cfg.depth,
             outside,
             block: BlockFlops {
                 ada: c * 6.0 * c,
-                attn_per_head: 4.0 * n * c * dh + 2.0 * n * n * dh,
+                attn_per_head: 4.0 * f * n * c * dh + 2.0 * f * n * n * dh,
+                temporal_attn_per_head: cfg
+                    .is_video()
+                    .then_some(4.0 * f * n * c * dh + 2.0 * n * f * f * dh),
                 mlp_per_group_token: 2.0 * c * group,
                 router_per_token: token_router_hidden.map_or(0.0, |h| c * h as f64 + h as f64),
             },
         }
     }
 
-    /// MACs of one layer with `heads` active heads, `groups` active groups and `tokens` routed
+    /// Attention MACs per active head in layer `l` (per sample).
+    pub fn attn_per_head(&self, l: usize) -> f64 {
+        match self.block.temporal_attn_per_head {
+            Some(t) if l % 2 == 1 => t,
+            _ => self.block.attn_per_head,
+        }
+    }
+
+    /// MACs of layer `l` with `heads` active heads, `groups` active groups and `tokens` routed
     /// tokens (per sample).
-    pub fn layer(&self, heads: usize, groups: usize, tokens: f64) -> f64 {
+    pub fn layer(&self, l: usize, heads: usize, groups: usize, tokens: f64) -> f64 {
         self.block.ada
-            + heads as f64 * self.block.attn_per_head
+            + heads as f64 * self.attn_per_head(l)
             + groups as f64 * tokens * self.block.mlp_per_group_token
             + self.tokens as f64 * self.block.router_per_token
     }
@@ -77,10 +98,14 @@ impl FlopsModel {
     /// The static model (every head, group and token; no routers).
     pub fn static_total(&self) -> f64 {
         let n = self.tokens as f64;
-        let layer = self.block.ada
-            + self.heads as f64 * self.block.attn_per_head
-            + self.groups as f64 * n * self.block.mlp_per_group_token;
-        self.outside + self.depth as f64 * layer
+        let layers: f64 = (0..self.depth)
+            .map(|l| {
+                self.block.ada
+                    + self.heads as f64 * self.attn_per_head(l)
+                    + self.groups as f64 * n * self.block.mlp_per_group_token
+            })
+            .sum();
+        self.outside + layers
     }
 
     /// A dynamic forward: per layer widths and the mean number of routed tokens per sample.
@@ -89,7 +114,8 @@ impl FlopsModel {
             + widths
                 .iter()
                 .zip(tokens_per_layer)
-                .map(|(w, &t)| self.layer(w.heads.count(), w.groups.count(), t))
+                .enumerate()
+                .map(|(l, (w, &t))| self.layer(l, w.heads.count(), w.groups.count(), t))
                 .sum::<f64>()
     }
 }
@@ -160,9 +186,10 @@ impl FlopsModel {
                 + widths
                     .iter()
                     .zip(&toks)
-                    .map(|(w, &t)| {
+                    .enumerate()
+                    .map(|(l, (w, &t))| {
                         self.block.ada
-                            + w.heads.count() as f64 * self.block.attn_per_head
+                            + w.heads.count() as f64 * self.attn_per_head(l)
                             + w.groups.count() as f64 * t * self.block.mlp_per_group_token
                     })
                     .sum::<f64>()

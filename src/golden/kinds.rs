@@ -13,6 +13,7 @@ use candle::{DType, Device, Tensor};
 
 pub const SUPPORTED: &[&str] = &[
     "dit_forward",
+    "latte_forward",
     "dydit_forward",
     "dydit_forward_old",
     "ddpm_sample",
@@ -30,6 +31,7 @@ pub const SUPPORTED: &[&str] = &[
 pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     match g.kind.as_str() {
         "dit_forward" => dit_forward(g),
+        "latte_forward" => latte_forward(g),
         "dydit_forward" | "dydit_forward_old" => dydit_forward(g),
         "ddpm_sample" | "ddim_sample" | "ddpm_sample_dydit" => sample(g),
         "ddpm_training_loss" => training_loss(g),
@@ -103,6 +105,37 @@ fn dit_forward(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         compare(g, "expect.out", &out)?,
         compare(g, "expect.out_cfg_raw", &raw)?,
         compare(g, "expect.out_cfg", &cfg)?,
+    ])
+}
+
+/// Latte: upstream lays videos out `[B, F, C, H, W]`; this crate's samplers use `[B, C, F, H, W]`
+/// (channels first, so CFG and the variance split stay on dim 1).
+fn latte_forward(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
+    let m = model(g)?;
+    anyhow::ensure!(m.cfg.is_video(), "latte_forward file without num_frames");
+    let swap = |t: &Tensor| t.permute((0, 2, 1, 3, 4))?.contiguous();
+    let out = m.forward(
+        &swap(g.get("input.x")?)?,
+        &times(g.get("input.t")?)?,
+        &labels(g.get("input.y")?)?,
+    )?;
+    let xc = swap(g.get("input.x_cfg")?)?;
+    let (tc, yc) = (
+        times(g.get("input.t_cfg")?)?,
+        labels(g.get("input.y_cfg")?)?,
+    );
+    let mixed_in = crate::diffusion::cfg::cfg_input(&xc)?;
+    let raw = m.forward(&mixed_in, &tc, &yc)?;
+    let cfg = crate::diffusion::cfg::cfg_mix(&raw, cfg_scale(g)?, m.cfg.guided_channels())?;
+    anyhow::ensure!(
+        guided(g) == m.cfg.guided_channels(),
+        "file guides {} channels, the model {}",
+        guided(g),
+        m.cfg.guided_channels()
+    );
+    Ok(vec![
+        compare(g, "expect.out", &swap(&out)?)?,
+        compare(g, "expect.out_cfg", &swap(&cfg)?)?,
     ])
 }
 
@@ -328,9 +361,10 @@ fn flops_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
             .ok_or_else(|| anyhow::anyhow!("config: '{k}' missing"))
     };
     let table = &g.config["flops_table_entry"];
+    let layers = g.get("input.mask_attn")?.dim(1)?;
     let loss = FlopsLoss {
         weight: f(kw, "token_loss_ratio")?,
-        f_attn: f(table, "attn")?,
+        f_attn: vec![f(table, "attn")?; layers],
         f_mlp: f(table, "mlp")?,
         token_minimal: f(kw, "token_minimal")?,
         token_minimal_weight: f(kw, "token_minimal_weight")?,

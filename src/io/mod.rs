@@ -3,5 +3,6 @@
 pub mod atomic;
 pub mod bundled;
 pub mod checkpoint;
+pub mod gif;
 pub mod image;
 pub mod npz;

@@ -19,11 +19,19 @@ pub struct DitConfig {
     pub learn_sigma: bool,
     #[serde(default = "default_dropout")]
     pub class_dropout_prob: f64,
+    /// Video (Latte): frames per clip. Blocks then alternate spatial (even index, tokens = the
+    /// patches of one frame) and temporal (odd index, tokens = the frames at one patch position).
+    /// `None`: an image model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_frames: Option<usize>,
 }
 
 fn default_dropout() -> f64 {
     0.1
 }
+
+/// Frames of Latte's class-conditional presets (UCF-101 at 16 frames).
+pub const LATTE_FRAMES: usize = 16;
 
 /// Width of the DiT paper models: (depth, hidden, heads).
 const SIZES: [(&str, usize, usize, usize); 4] = [
@@ -35,14 +43,17 @@ const SIZES: [(&str, usize, usize, usize); 4] = [
 
 impl DitConfig {
     /// A DiT paper preset by name, e.g. `DiT-XL/2` (also `SiT-XL/2`, `DyDiT-S/2`), at an image size
-    /// of 256 or 512 pixels (latent 32 or 64).
+    /// of 256 or 512 pixels (latent 32 or 64). `Latte-…`/`DyLatte-…` give Latte's video model
+    /// (same widths, 16 frames).
     pub fn preset(name: &str, image_size: usize) -> anyhow::Result<Self> {
         let bad = || {
             anyhow::anyhow!(
-                "unknown model '{name}': expected DiT-{{S,B,L,XL}}/{{2,4,8}} (or SiT-/DyDiT- prefixes)"
+                "unknown model '{name}': expected DiT-{{S,B,L,XL}}/{{2,4,8}} (or SiT-/DyDiT-/Latte- prefixes)"
             )
         };
-        let (_, rest) = name.split_once('-').ok_or_else(bad)?;
+        let (prefix, rest) = name.split_once('-').ok_or_else(bad)?;
+        let num_frames = matches!(prefix.to_ascii_lowercase().as_str(), "latte" | "dylatte")
+            .then_some(LATTE_FRAMES);
         let (size, patch) = rest.split_once('/').ok_or_else(bad)?;
         let patch: usize = patch.parse().map_err(|_| bad())?;
         if ![2, 4, 8].contains(&patch) {
@@ -72,6 +83,7 @@ impl DitConfig {
             num_classes: 1000,
             learn_sigma: true,
             class_dropout_prob: 0.1,
+            num_frames,
         })
     }
 
@@ -111,6 +123,9 @@ impl DitConfig {
                 .get("class_dropout_prob")
                 .and_then(|v| v.as_f64())
                 .unwrap_or(0.1),
+            num_frames: (m.get("arch").and_then(|v| v.as_str()) == Some("Latte"))
+                .then(|| u("num_frames"))
+                .transpose()?,
         })
     }
 
@@ -134,6 +149,33 @@ impl DitConfig {
     pub fn mlp_hidden(&self) -> usize {
         (self.hidden_size as f64 * self.mlp_ratio) as usize
     }
+    /// Latte's alternating spatial/temporal layout.
+    pub fn is_video(&self) -> bool {
+        self.num_frames.is_some()
+    }
+    /// Frames per sample (1 for images).
+    pub fn frames(&self) -> usize {
+        self.num_frames.unwrap_or(1)
+    }
+    /// Shape of one sample as the samplers see it: `[C, H, W]`, or `[C, F, H, W]` for video
+    /// (channels first, as diffusers' Latte pipeline lays out latents).
+    pub fn sample_shape(&self) -> Vec<usize> {
+        let s = self.input_size;
+        match self.num_frames {
+            Some(f) => vec![self.in_channels, f, s, s],
+            None => vec![self.in_channels, s, s],
+        }
+    }
+    /// Channels classifier-free guidance mixes: DiT/SiT guide the first 3 (upstream's
+    /// reproducibility quirk), Latte guides every ε channel.
+    pub fn guided_channels(&self) -> usize {
+        if self.is_video() {
+            self.in_channels
+        } else {
+            3.min(self.in_channels)
+        }
+    }
+
     /// The null class id (last row of the label table).
     pub fn null_class(&self) -> usize {
         self.num_classes
@@ -155,6 +197,14 @@ impl DitConfig {
             self.patch_size
         );
         anyhow::ensure!(self.mlp_hidden() > 0, "mlp_ratio gives an empty MLP");
+        if let Some(f) = self.num_frames {
+            anyhow::ensure!(f > 0, "num_frames must be > 0");
+            anyhow::ensure!(
+                self.depth.is_multiple_of(2),
+                "a Latte model pairs spatial and temporal blocks: depth {} must be even",
+                self.depth
+            );
+        }
         Ok(())
     }
 }

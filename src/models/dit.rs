@@ -1,8 +1,11 @@
 //! DiT (facebookresearch/DiT) and DyDiT (DiT + TDW/SDT routers) on one backbone.
-//! SiT reuses it unchanged: only the meaning of `t` differs.
+//! SiT reuses it unchanged: only the meaning of `t` differs. Latte (video) is the same stack
+//! with a temporal position table and blocks alternating between spatial and temporal views
+//! ([`super::video`]); every forward below handles both.
 
 use super::block::{BlockMasks, DitBlock, Modulation, TokenMode, LN_EPS};
 use super::config::DitConfig;
+use super::video::{frames_of, video_of, VideoLayout};
 use crate::dynamic::masks::{LayerWidth, MaskTable, UnitMask};
 use crate::dynamic::router::{gate_on, BlockRouters, RouterFormat, TokenRouter, WidthRouter};
 use crate::dynamic::slicing::SliceCache;
@@ -26,6 +29,8 @@ pub struct Dit {
     pub x_embed: PatchEmbed,
     /// `[N, C]`, loaded from the checkpoint (upstream stores the fixed table).
     pub pos_embed: Tensor,
+    /// Latte: `[F, C]` frame table added before the first temporal block.
+    pub temp_embed: Option<Tensor>,
     pub t_embed: TimestepEmbedder,
     /// `[num_classes + 1, C]`; the last row is the null class.
     pub y_table: Tensor,
@@ -38,12 +43,32 @@ pub struct Dit {
 
 /// Token embeddings plus the conditioning shared by all blocks.
 pub struct Embedded {
-    /// `[B, N, C]`
+    /// `[B, N, C]` (video: `[B·F, N, C]`, the spatial view)
     pub x: Tensor,
     /// Timestep embedding `[B, C]` (what the TDW routers read).
     pub t_emb: Tensor,
     /// SiLU(t_emb + y_emb) `[B, C]` (what every adaLN reads).
     pub c_act: Tensor,
+    /// Video token layout (Latte); `None` for images.
+    pub video: Option<VideoLayout>,
+}
+
+impl Embedded {
+    /// Per-sample rows `[B, K]` as block `l` needs them: repeated over its sequences (video).
+    pub fn per_view(&self, v: &Tensor, l: usize) -> Result<Tensor> {
+        match &self.video {
+            Some(lay) => lay.repeat(v, l),
+            None => Ok(v.clone()),
+        }
+    }
+
+    /// Token mask `[rows, T]` of block `l` → `[B, tokens per sample]` (canonical order).
+    fn sample_tokens(&self, m: Tensor, l: usize) -> Result<Tensor> {
+        match &self.video {
+            Some(lay) => lay.canonical_tokens(&m, l),
+            None => Ok(m),
+        }
+    }
 }
 
 /// Masks of a dense dynamic forward: `attn`/`mlp` `[B, L, H]`, `token` `[B, L, N]`.
@@ -109,9 +134,21 @@ impl Dit {
             .sum()
     }
 
-    /// Patch, timestep and class embeddings. `t` has one value per sample.
+    /// Patch, timestep and class embeddings. `t` has one value per sample. `x` is `[B, C, H, W]`,
+    /// or `[B, C, F, H, W]` for video.
     pub fn embed(&self, x: &Tensor, t: &[f32], y: &[u32]) -> Result<Embedded> {
         let b = x.dim(0)?;
+        let want = self.cfg.sample_shape();
+        if x.dims().get(1..) != Some(want.as_slice()) {
+            candle::bail!(
+                "input of shape {:?} but the model takes [B, {}]",
+                x.dims(),
+                want.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if t.len() != b || y.len() != b {
             candle::bail!("batch {b} but {} timesteps and {} labels", t.len(), y.len());
         }
@@ -123,6 +160,12 @@ impl Dit {
             );
         }
         let x = x.to_dtype(self.dtype)?;
+        let video = self.cfg.num_frames.map(|frames| VideoLayout {
+            batch: b,
+            frames,
+            tokens: self.cfg.num_tokens(),
+        });
+        let x = if video.is_some() { frames_of(&x)? } else { x };
         let tokens = self
             .x_embed
             .forward(&x)?
@@ -133,7 +176,56 @@ impl Dit {
             x: tokens,
             t_emb,
             c_act: ops::silu(&c)?,
+            video,
         })
+    }
+
+    /// Block `l`'s input in its own view: video switches to the temporal view before odd blocks
+    /// and adds the frame table before the first one.
+    fn enter(&self, h: Tensor, l: usize, e: &Embedded) -> Result<Tensor> {
+        match &e.video {
+            Some(v) if VideoLayout::is_temporal(l) => {
+                let h = v.to_temporal(&h)?;
+                match (&self.temp_embed, l) {
+                    (Some(te), 1) => h.broadcast_add(&te.unsqueeze(0)?),
+                    _ => Ok(h),
+                }
+            }
+            _ => Ok(h),
+        }
+    }
+
+    /// Back to the spatial view after a temporal block.
+    fn leave(&self, h: Tensor, l: usize, e: &Embedded) -> Result<Tensor> {
+        match &e.video {
+            Some(v) if VideoLayout::is_temporal(l) => v.to_spatial(&h),
+            _ => Ok(h),
+        }
+    }
+
+    /// Block `l`'s adaLN vectors, one row per sequence of its view.
+    fn modulation(&self, l: usize, e: &Embedded) -> Result<Modulation> {
+        let m = self.blocks[l].modulation(&e.c_act)?;
+        if e.video.is_none() {
+            return Ok(m);
+        }
+        let r = |t: Tensor| e.per_view(&t, l);
+        Ok(Modulation {
+            shift_msa: r(m.shift_msa)?,
+            scale_msa: r(m.scale_msa)?,
+            gate_msa: r(m.gate_msa)?,
+            shift_mlp: r(m.shift_mlp)?,
+            scale_mlp: r(m.scale_mlp)?,
+            gate_mlp: r(m.gate_mlp)?,
+        })
+    }
+
+    /// [`Dit::head`] for the stream of `e`: per frame for video, back to `[B, out, F, H, W]`.
+    fn head_of(&self, h: &Tensor, e: &Embedded, diff: bool) -> Result<Tensor> {
+        match &e.video {
+            Some(v) => video_of(&self.head(h, &e.per_view(&e.c_act, 0)?, diff)?, v.batch),
+            None => self.head(h, &e.c_act, diff),
+        }
     }
 
     /// Final adaLN + linear + unpatchify: `[B, N, C]` → `[B, out_ch, H, W]`.
@@ -156,14 +248,16 @@ impl Dit {
     /// Static forward (the complete model): every head, group and token.
     pub fn forward(&self, x: &Tensor, t: &[f32], y: &[u32]) -> Result<Tensor> {
         let e = self.embed(x, t, y)?;
-        let mut h = e.x;
-        for blk in &self.blocks {
-            let m = blk.modulation(&e.c_act)?;
+        let mut h = e.x.clone();
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let m = self.modulation(l, &e)?;
+            h = self.enter(h, l, &e)?;
             h = blk
                 .forward(&h, &m, &blk.full_attn(), &blk.full_mlp(), TokenMode::All)?
                 .0;
+            h = self.leave(h, l, &e)?;
         }
-        self.head(&h, &e.c_act, false)
+        self.head_of(&h, &e, false)
     }
 
     /// Dense masked DyDiT forward, the upstream formulation (masks multiply full-width results).
@@ -190,18 +284,20 @@ impl Dit {
         diff: bool,
     ) -> Result<(Tensor, Option<DynMasks>)> {
         let e = self.embed(x, t, y)?;
-        let mut h = e.x;
+        let mut h = e.x.clone();
         let (mut ma, mut mm, mut mt) = (vec![], vec![], vec![]);
         for (l, blk) in self.blocks.iter().enumerate() {
-            let m: Modulation = blk.modulation(&e.c_act)?;
+            let m: Modulation = self.modulation(l, &e)?;
+            h = self.enter(h, l, &e)?;
             let mut none = |_: &Tensor| -> Result<Tensor> { unreachable!("no token router") };
             match (&mut src, &blk.routers) {
                 (MaskSource::Routers(gate), Some(r)) => {
                     let heads = width_mask(&r.attn, &e.t_emb, gate)?;
                     let groups = width_mask(&r.mlp, &e.t_emb, gate)?;
+                    let (vh, vg) = (e.per_view(&heads, l)?, e.per_view(&groups, l)?);
                     let masks = BlockMasks {
-                        heads: &heads,
-                        groups: &groups,
+                        heads: &vh,
+                        groups: &vg,
                         tokens: None,
                     };
                     let mut tg = |l: &Tensor| gate.apply(l);
@@ -209,7 +305,8 @@ impl Dit {
                     h = nh;
                     ma.push(heads);
                     mm.push(groups);
-                    mt.push(tok.expect("routers give a token mask"));
+                    let tok = tok.expect("routers give a token mask");
+                    mt.push(e.sample_tokens(tok, l)?);
                 }
                 (MaskSource::Units(units), _) => {
                     let (heads, groups) = &units[l];
@@ -228,8 +325,9 @@ impl Dit {
                 }
                 _ => h = blk.forward_masked(&h, &m, None, &mut none, diff)?.0,
             }
+            h = self.leave(h, l, &e)?;
         }
-        let out = self.head(&h, &e.c_act, diff)?;
+        let out = self.head_of(&h, &e, diff)?;
         let masks = if ma.is_empty() {
             None
         } else {
@@ -290,10 +388,11 @@ impl Dit {
         }
         let b = x.dim(0)?;
         let e = self.embed(x, &vec![t; b], y)?;
-        let mut h = e.x;
+        let mut h = e.x.clone();
         let mut sel = Vec::with_capacity(self.blocks.len());
         for (l, (blk, w)) in self.blocks.iter().zip(widths).enumerate() {
-            let m = blk.modulation(&e.c_act)?;
+            let m = self.modulation(l, &e)?;
+            h = self.enter(h, l, &e)?;
             let attn = cache.attn(l, w.heads, || {
                 crate::dynamic::slicing::AttnWeights::slice(
                     &blk.qkv,
@@ -310,10 +409,10 @@ impl Dit {
                 _ => TokenMode::All,
             };
             let (nh, s) = blk.forward(&h, &m, &attn, &mlp, mode)?;
-            h = nh;
+            h = self.leave(nh, l, &e)?;
             sel.push(s);
         }
-        Ok((self.head(&h, &e.c_act, false)?, sel))
+        Ok((self.head_of(&h, &e, false)?, sel))
     }
 }
 
@@ -414,6 +513,10 @@ pub fn build_with_layout(
             get("x_embedder.proj.bias")?,
         )?,
         pos_embed: get("pos_embed")?.squeeze(0)?,
+        temp_embed: match cfg.num_frames {
+            Some(_) => Some(get("temp_embed")?.squeeze(0)?),
+            None => None,
+        },
         t_embed: TimestepEmbedder {
             fc1: lin("t_embedder.mlp.0")?,
             fc2: lin("t_embedder.mlp.2")?,

@@ -56,6 +56,10 @@ pub fn init_tensors(
             crate::nn::embed::sincos_pos_embed(cfg.hidden_size, cfg.grid(), &dev)?
                 .flatten_all()?
                 .to_vec1()?
+        } else if name == "temp_embed" {
+            crate::nn::embed::sincos_1d_embed(cfg.hidden_size, cfg.frames(), &dev)?
+                .flatten_all()?
+                .to_vec1()?
         } else {
             match init {
                 Init::Random => {

@@ -6,6 +6,7 @@ pub mod dit;
 pub mod family;
 pub mod init;
 pub mod load;
+pub mod video;
 pub mod weights;
 
 pub use config::DitConfig;

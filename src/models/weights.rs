@@ -20,6 +20,9 @@ pub fn expected_shapes(
         m.insert(k, s);
     };
     put("pos_embed".into(), vec![1, cfg.num_tokens(), c]);
+    if let Some(f) = cfg.num_frames {
+        put("temp_embed".into(), vec![1, f, c]);
+    }
     put(
         "x_embedder.proj.weight".into(),
         vec![c, cfg.in_channels, p, p],
@@ -161,8 +164,16 @@ pub fn describe_checkpoint(tensors: &HashMap<String, Tensor>) -> Option<String> 
     .find(|(_, d, h)| *d == depth && *h == hidden)
     .map(|(s, ..)| format!(" = DiT-{s}/{patch}"))
     .unwrap_or_default();
+    let (arch, frames) = match tensors
+        .get("temp_embed")
+        .and_then(|t| t.dims().get(1).copied())
+    {
+        Some(f) => ("Latte", format!(", {f} frames")),
+        None => ("DiT", String::new()),
+    };
+    let name = name.replacen("DiT", arch, 1);
     Some(format!(
-        "depth {depth}, hidden {hidden}, patch {patch}{name}"
+        "depth {depth}, hidden {hidden}, patch {patch}{frames}{name}"
     ))
 }
 
@@ -205,6 +216,7 @@ pub fn infer_config(
         num_classes: classes.saturating_sub(1),
         learn_sigma: out == 2 * in_ch,
         class_dropout_prob: 0.1,
+        num_frames: tensors.get("temp_embed").map(|t| t.dims()[1]),
     })
 }
 

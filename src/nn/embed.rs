@@ -93,6 +93,21 @@ pub fn sincos_pos_embed(dim: usize, grid: usize, device: &Device) -> Result<Tens
     Tensor::from_vec(out, (grid * grid, dim), device)
 }
 
+/// Fixed 1-D sin-cos table `[len, C]` (Latte's `get_1d_sincos_temp_embed`): for position f,
+/// sin(f·ω_k) for the first C/2 features and cos(f·ω_k) for the rest, ω_k = 10000^(−k/(C/2)).
+pub fn sincos_1d_embed(dim: usize, len: usize, device: &Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let omega: Vec<f64> = (0..half)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / half as f64))
+        .collect();
+    let mut out = Vec::with_capacity(len * dim);
+    for f in 0..len {
+        out.extend(omega.iter().map(|o| (f as f64 * o).sin() as f32));
+        out.extend(omega.iter().map(|o| (f as f64 * o).cos() as f32));
+    }
+    Tensor::from_vec(out, (len, dim), device)
+}
+
 /// `[B, N, p·p·c]` → `[B, c, H, W]`, token (h, w) feature (p1, p2, c) → pixel (c, h·p+p1, w·p+p2).
 pub fn unpatchify(x: &Tensor, patch: usize, channels: usize) -> Result<Tensor> {
     let (b, n, _) = x.dims3()?;

@@ -40,6 +40,12 @@ pub struct TrainConfig {
     pub pad_to: Option<usize>,
     /// Random horizontal flips.
     pub flip: bool,
+    /// Video: turn the IDX image file into deterministic clips of this many frames, each
+    /// garment (resized to `moving_item`²) bouncing on a `pad_to`² canvas (default 32), and
+    /// train a Latte on them.
+    pub moving_frames: Option<usize>,
+    /// Side of the moving garment in pixels.
+    pub moving_item: usize,
 
     // --- DyDiT fine-tuning ---
     /// DiT (or DyDiT) checkpoint to start from.
@@ -107,6 +113,8 @@ impl Default for TrainConfig {
             image_size: None,
             pad_to: None,
             flip: true,
+            moving_frames: None,
+            moving_item: 16,
             from: None,
             target_ratio: None,
             warmup_steps: 1000,
@@ -232,11 +240,12 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The backbone config for training from scratch.
+    /// The backbone config for training from scratch; `frames` (video data) makes it a Latte.
     pub fn dit_config(
         &self,
         in_channels: usize,
         data_size: usize,
+        frames: Option<usize>,
         num_classes: usize,
     ) -> anyhow::Result<crate::models::DitConfig> {
         let name = self.model.as_deref().unwrap_or("DiT-S/2");
@@ -252,6 +261,7 @@ impl TrainConfig {
                 num_classes,
                 learn_sigma: true,
                 class_dropout_prob: self.class_dropout_prob,
+                num_frames: frames,
             }
         } else {
             // A preset fixes width/depth/heads/patch; the data fixes the rest.
@@ -259,6 +269,11 @@ impl TrainConfig {
             c.input_size = data_size;
             c.in_channels = in_channels;
             c.num_classes = num_classes;
+            anyhow::ensure!(
+                frames.is_some() || !c.is_video(),
+                "--model {name} is a video model but the data are images (add --moving-frames)"
+            );
+            c.num_frames = frames;
             c
         };
         if let Some(v) = self.input_size {

@@ -8,9 +8,10 @@ use crate::models::DitConfig;
 use candle::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
-/// Tensors that are part of the state dict but not trained (DiT's fixed sin-cos table).
+/// Tensors that are part of the state dict but not trained (the fixed sin-cos tables of DiT
+/// and Latte).
 pub fn is_frozen(name: &str) -> bool {
-    name == "pos_embed"
+    name == "pos_embed" || name == "temp_embed"
 }
 
 fn is_qkv(name: &str) -> bool {

@@ -53,18 +53,19 @@ pub fn importance(
         heads: vec![vec![0.0; h]; cfg.depth],
         groups: vec![vec![0.0; h]; cfg.depth],
     };
-    let [c, hh, ww] = data.item_shape();
+    let shape = [&[batch_size][..], &data.sample_shape()].concat();
+    let per: usize = shape[1..].iter().product();
     for k in 0..batches {
         let mut rng = StdRng::seed_from_u64(mix(seed, 0x1D9 ^ k as u64));
-        let mut buf = vec![0f32; batch_size * c * hh * ww];
+        let mut buf = vec![0f32; batch_size * per];
         let mut y = Vec::with_capacity(batch_size);
-        for (i, out) in buf.chunks_mut(c * hh * ww).enumerate() {
+        for (i, out) in buf.chunks_mut(per).enumerate() {
             let idx = rng.random_range(0..data.len());
             y.push(data.load(idx, false, mix(seed, (k * batch_size + i) as u64), out)?);
         }
-        let x0 = Tensor::from_vec(buf, (batch_size, c, hh, ww), device)?;
+        let x0 = Tensor::from_vec(buf, shape.as_slice(), device)?;
         let t = objective.draw_times(batch_size, true, &mut rng);
-        let noise = normal(&[batch_size, c, hh, ww], &mut rng, device)?;
+        let noise = normal(&shape, &mut rng, device)?;
         let b = Batch { x0, y, t, noise };
         let (loss, _, _, _) = objective.model_loss(&model, &b, MaskSource::Units(&unit_tensors))?;
         let grads = loss.backward()?;

@@ -79,6 +79,16 @@ fn open_data(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Dataset>> {
         .data
         .clone()
         .context("no training data: pass --data (IDX file, image folder or latent cache)")?;
+    if let Some(frames) = cfg.moving_frames {
+        let spec = crate::data::moving::MovingSpec {
+            frames,
+            size: cfg.pad_to.unwrap_or(32),
+            item: cfg.moving_item,
+        };
+        return Ok(Box::new(crate::data::moving::MovingFashion::open(
+            &path, spec,
+        )?));
+    }
     open_dataset(&DatasetSpec {
         path,
         labels: cfg.labels.clone(),
@@ -88,14 +98,23 @@ fn open_data(cfg: &TrainConfig) -> anyhow::Result<Box<dyn Dataset>> {
 }
 
 fn check_data_fits(model: &DitConfig, data: &dyn Dataset) -> anyhow::Result<()> {
-    let [c, h, w] = data.item_shape();
+    let dims = |v: &[usize]| {
+        v.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("×")
+    };
     anyhow::ensure!(
-        c == model.in_channels && h == model.input_size && w == model.input_size,
-        "the data gives {c}×{h}×{w} items but the model takes {}×{}×{} ({})",
-        model.in_channels,
-        model.input_size,
-        model.input_size,
+        data.sample_shape() == model.sample_shape(),
+        "the data gives {} items but the model takes {} ({})",
+        dims(&data.sample_shape()),
+        dims(&model.sample_shape()),
         data.describe()
+            + match (model.num_frames, data.frames()) {
+                (Some(f), None) => format!("; a video model: add --moving-frames {f}"),
+                _ => String::new(),
+            }
+            .as_str()
     );
     anyhow::ensure!(
         data.num_classes() <= model.num_classes,
@@ -118,7 +137,7 @@ impl Trainer {
         let data = open_data(&cfg)?;
         let [c, h, w] = data.item_shape();
         anyhow::ensure!(h == w, "square inputs only, the data gives {h}×{w}");
-        let model_cfg = cfg.dit_config(c, h, data.num_classes())?;
+        let model_cfg = cfg.dit_config(c, h, data.frames(), data.num_classes())?;
         let tensors = init_tensors(&model_cfg, None, Init::Upstream, cfg.seed)?;
         let params = Params::from_upstream(&model_cfg, &tensors, device)?;
         Self::assemble(cfg, params, data, TrainState::default(), None)
@@ -198,10 +217,10 @@ impl Trainer {
         cfg.validate()?;
         let data = open_data(&cfg)?;
         let mut model = ck.groups.model.clone();
-        if let Some(pe) = ck.groups.ema.get("pos_embed") {
-            model
-                .entry("pos_embed".into())
-                .or_insert_with(|| pe.clone());
+        for name in ["pos_embed", "temp_embed"] {
+            if let Some(pe) = ck.groups.ema.get(name) {
+                model.entry(name.into()).or_insert_with(|| pe.clone());
+            }
         }
         let params = Params::from_upstream(&ck.model_cfg, &model, device)
             .with_context(|| format!("{}: model tensors", path.display()))?;
@@ -312,8 +331,8 @@ impl Trainer {
             .map(|_| self.cfg.flip && rng.random_bool(0.5))
             .collect();
         let seeds: Vec<u64> = (0..b).map(|_| rng.random()).collect();
-        let [c, h, w] = self.data.item_shape();
-        let per = c * h * w;
+        let shape = self.data.sample_shape();
+        let per: usize = shape.iter().product();
         let mut buf = vec![0f32; b * per];
         let data = &self.data;
         let labels: Vec<u32> = buf
@@ -322,7 +341,7 @@ impl Trainer {
             .map(|(i, out)| data.load(idx[i], flips[i], seeds[i], out))
             .collect::<anyhow::Result<_>>()?;
         let dev = self.params.device();
-        let x0 = Tensor::from_vec(buf, (b, c, h, w), &dev)?;
+        let x0 = Tensor::from_vec(buf, [&[b][..], &shape].concat(), &dev)?;
         // Classifier-free guidance: drop labels to the null class.
         let null = self.params.cfg.num_classes as u32;
         let p = self.cfg.class_dropout_prob;
@@ -333,7 +352,7 @@ impl Trainer {
         let t = self
             .objective
             .draw_times(b, self.cfg.stratified_t, &mut rng);
-        let noise = normal(&[b, c, h, w], &mut rng, &dev)?;
+        let noise = normal(&[&[b][..], &shape].concat(), &mut rng, &dev)?;
         Ok((Batch { x0, y, t, noise }, rng))
     }
 
