@@ -26,6 +26,7 @@ pub const SUPPORTED: &[&str] = &[
     "dydit_flops_loss",
     "fid_inception",
     "frechet_distance",
+    "dyflux_forward",
 ];
 
 pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
@@ -37,6 +38,7 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "ddpm_training_loss" => training_loss(g),
         "sit_sample" => super::flow::sit_sample(g),
         "sit_training_loss" => super::flow::sit_training_loss(g),
+        "dyflux_forward" => super::flux::dyflux_forward(g),
         "dydit_flops_loss" => flops_loss(g),
         "fid_inception" => crate::eval::golden::fid_inception(g),
         "frechet_distance" => crate::eval::golden::frechet_distance(g),

@@ -2,6 +2,7 @@
 //! implementation by the file's `kind` and compares every expected tensor.
 
 mod flow;
+mod flux;
 mod kinds;
 
 use anyhow::Context;

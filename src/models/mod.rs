@@ -4,6 +4,7 @@ pub mod block;
 pub mod config;
 pub mod dit;
 pub mod family;
+pub mod flux;
 pub mod init;
 pub mod load;
 pub mod video;
