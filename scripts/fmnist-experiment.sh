@@ -3,10 +3,11 @@
 # fine-tune DyDiT at λ = 0.7 / 0.5 / 0.3, evaluate FID and speed, draw the pictures, and write
 # the shipped f16 checkpoints. Every stage is resumable and skips what is already done.
 #
-#   scripts/fmnist-experiment.sh [pretrain|finetune|eval|bench|pictures|ship]...   (default: all)
+#   scripts/fmnist-experiment.sh [pretrain|finetune|eval|bench|pictures|ship|sit|latte]...
+#   (default: the DiT/DyDiT stages; `sit` and `latte` add the SiT/DySiT and Latte/DyLatte rows)
 #
 # Knobs (environment): DYDIT (binary), RUNS (run dir), PRE_STEPS, FT_STEPS, FT_BATCH, FID_N,
-# FID_STEPS. The README's table was made with the defaults below.
+# FID_STEPS, SIT_STEPS, LATTE_STEPS, VID_N. The README's tables were made with the defaults below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ FT_BATCH=${FT_BATCH:-32}
 FID_N=${FID_N:-2000}
 FID_STEPS=${FID_STEPS:-50}
 LAMBDAS=${LAMBDAS:-"0.7 0.5 0.3"}
+# The SiT of the README was stopped at 2134 iterations (session time), not PRE_STEPS.
+SIT_STEPS=${SIT_STEPS:-2134}
+LATTE_STEPS=${LATTE_STEPS:-3000}
+VID_N=${VID_N:-300}
 DATA=(--data "$F/train-images-idx3-ubyte.gz" --pad-to 32)
 # One sampling protocol for every row: DDPM with 50 respaced steps, cfg 1.5, seed 0, classes
 # balanced, FID_N samples (2000 for the README table; 10000 is the issue's FID-10k), FID
@@ -87,6 +92,73 @@ pictures() {
     "$D" plot-log "$R/fmnist-dydit-0.5/log.jsonl" --out docs/fmnist/finetune-0.5-log.png
 }
 
+# SiT / DySiT: the DiT recipe with flow matching; FID with a fixed-step Heun ODE on 26 grid
+# points (50 network calls, as DDPM-50) so that the rows compare.
+sit() {
+    local s="$R/fmnist-sit" ds="$R/fmnist-dysit-0.5"
+    if [ ! -f "$s/model.safetensors" ]; then
+        if [ -d "$s/ckpt" ]; then
+            "$D" train --resume --out "$s" --steps "$SIT_STEPS"
+        else
+            "$D" train "${DATA[@]}" --family SiT --model custom --patch-size 4 --hidden-size 192 \
+                --depth 6 --num-heads 6 --batch-size 64 --lr 3e-4 --ema-decay 0.999 \
+                --steps "$SIT_STEPS" --ckpt-every 250 --log-every 25 --seed 1 --out "$s"
+        fi
+    fi
+    if [ ! -f "$ds/model.safetensors" ]; then
+        "$D" finetune --from "$s/model.safetensors" --target-ratio 0.5 "${DATA[@]}" \
+            --steps "$FT_STEPS" --batch-size "$FT_BATCH" --lr 1e-4 --router-lr 1e-3 \
+            --warmup-steps 200 --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 \
+            --log-every 10 --seed 2 --out "$ds"
+    fi
+    mkdir -p "$R/eval"
+    for m in sit dysit-0.5; do
+        [ -f "$R/eval/$m.json" ] && continue
+        "$D" eval --ckpt "$R/fmnist-$m/model.safetensors" --num-samples "$FID_N" \
+            --flow-method heun --num-steps 26 --cfg-scale 1.5 --seed 0 --batch-size 40 \
+            --out "$R/eval/$m.json" --grid "$R/eval/$m.png"
+    done
+    "$D" bench --ckpt "$s/model.safetensors,$ds/model.safetensors" --batch 40 --grid-steps 26 \
+        --cfg-scale 1.5 --runs 3 --json | tee "$R/eval/bench-sit.jsonl"
+}
+
+# Latte / DyLatte on moving Fashion-MNIST clips (16 frames, 16² garments on 32²); per-frame FID
+# of frames 0, 5, 10, 15 of VID_N samples against the same frames of VID_N moving test clips.
+latte() {
+    local l="$R/fmnist-latte" dl="$R/fmnist-dylatte-0.5"
+    local clips=(--data "$F/train-images-idx3-ubyte.gz" --moving-frames 16 --moving-item 16 --pad-to 32)
+    if [ ! -f "$l/model.safetensors" ]; then
+        if [ -d "$l/ckpt" ]; then
+            "$D" train --resume --out "$l" --steps "$LATTE_STEPS"
+        else
+            "$D" train "${clips[@]}" --model custom --patch-size 4 --hidden-size 128 --depth 4 \
+                --num-heads 4 --batch-size 8 --lr 3e-4 --ema-decay 0.999 --steps "$LATTE_STEPS" \
+                --ckpt-every 250 --log-every 25 --seed 1 --out "$l"
+        fi
+    fi
+    if [ ! -f "$dl/model.safetensors" ]; then
+        "$D" finetune --from "$l/model.safetensors" --target-ratio 0.5 "${clips[@]}" \
+            --steps "$FT_STEPS" --batch-size 8 --lr 1e-4 --router-lr 1e-3 --warmup-steps 200 \
+            --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 --log-every 10 --seed 2 \
+            --out "$dl"
+    fi
+    mkdir -p "$R/eval"
+    for m in latte dylatte-0.5; do
+        [ -f "$R/eval/$m.json" ] && continue
+        "$D" eval --ckpt "$R/fmnist-$m/model.safetensors" --num-samples "$VID_N" \
+            --num-steps "$FID_STEPS" --sampler ddpm --cfg-scale 1.5 --seed 0 --batch-size 20 \
+            --out "$R/eval/$m.json" --grid "$R/eval/$m.png"
+    done
+    "$D" bench --ckpt "$l/model.safetensors,$dl/model.safetensors" --batch 10 \
+        --grid-steps "$FID_STEPS" --cfg-scale 1.5 --runs 3 --json | tee "$R/eval/bench-latte.jsonl"
+    mkdir -p docs/fmnist
+    for m in latte dylatte-0.5; do
+        "$D" sample --ckpt "$R/fmnist-$m/model.safetensors" --class 0,1,2,3,4,5,6,7,8,9 \
+            --num-steps 50 --cfg-scale 4 --nrow 5 --out "$R/eval/clips-$m.gif"
+        cp "$R/eval/clips-$m.gif" "docs/fmnist/clips-$m.gif"
+    done
+}
+
 ship() {
     "$D" convert "$R/fmnist-dit/model.safetensors" models/fashion-mnist/dit.safetensors \
         --dtype f16
@@ -105,6 +177,8 @@ for s in "${stages[@]}"; do
         bench) bench ;;
         pictures) pictures ;;
         ship) ship ;;
-        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship)" >&2; exit 2 ;;
+        sit) sit ;;
+        latte) latte ;;
+        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte)" >&2; exit 2 ;;
     esac
 done

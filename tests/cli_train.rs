@@ -226,6 +226,24 @@ fn sit_train_dysit_finetune_and_flow_sampling() {
     let v: serde_json::Value = serde_json::from_str(ok(&o).lines().next().unwrap()).unwrap();
     assert_eq!(v["family"], "SiT", "{v}");
     assert_eq!(v["dynamic"], true, "{v}");
+    // Side-by-side timing of SiT vs DySiT integrates the flow ODE (the DySiT's masks come from
+    // t ∈ [0, 1], so its FLOPs ratio is below 1 only if the right times reached the routers).
+    let both = format!(
+        "{},{}",
+        sit.to_str().unwrap(),
+        ft_dir.join("model.safetensors").to_str().unwrap()
+    );
+    let o = ok(&run(&[
+        "bench", "--ckpt", &both, "--batch", "2", "--grid-steps", "3", "--warmup", "0", "--runs",
+        "1", "--json",
+    ]));
+    let rows: Vec<serde_json::Value> = o
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(rows.len(), 2, "{o}");
+    assert!(rows.iter().all(|r| r["sampler"] == "ode-heun"), "{o}");
+    assert_eq!(rows[1]["dynamic"], true, "{o}");
     // A flow flag on the diffusion side of the CLI is refused, a bad path type too.
     let o = run(&[
         "train",

@@ -53,7 +53,8 @@ pub struct Args {
     pub cache_mib: Option<usize>,
     /// Time whole sampling runs of these checkpoints (comma separated; files or bundled names),
     /// interleaved; the speedup is relative to the first. Uses --batch (one size, default 64),
-    /// --grid-steps, --sampler and --cfg-scale.
+    /// --grid-steps, --sampler and --cfg-scale; flow models (SiT/DySiT) integrate the ODE with
+    /// fixed-step Heun over --grid-steps grid points (the routers' mask table covers them).
     #[arg(long)]
     pub ckpt: Option<String>,
     /// Sampler of the --ckpt runs.

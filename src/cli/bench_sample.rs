@@ -6,7 +6,10 @@ use super::common::{device, dtype, median};
 use crate::diffusion::sampler::SamplerKind;
 use crate::dynamic::flops::FlopsModel;
 use crate::models::load::load_model;
-use crate::pipeline::{generate, Engine, SamplingSpec};
+use crate::flow::ode::{OdeMethod, Tolerances};
+use crate::flow::sampler::{FlowMode, FlowSampler};
+use crate::flow::transport::Transport;
+use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
 use std::time::Instant;
 
@@ -40,11 +43,28 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
         cfg_scale: a.cfg_scale,
         seed: 0,
     };
+    let flow = FlowSpec {
+        sampler: FlowSampler {
+            transport: Transport::default(),
+            mode: FlowMode::Ode {
+                method: OdeMethod::Heun,
+                tol: Tolerances::default(),
+            },
+            num_steps: a.grid_steps,
+        },
+        cfg_scale: a.cfg_scale,
+        seed: 0,
+    };
     let names: Vec<&str> = ckpts.split(',').map(str::trim).collect();
     let mut models = Vec::new();
+    let mut flows = Vec::new();
     for n in &names {
         let lm = load_model(std::path::Path::new(n), None, None, dt, &dev)?;
+        flows.push(lm.family.is_flow());
         models.push(lm.dit);
+    }
+    if flows.contains(&true) {
+        flow.sampler.validate()?;
     }
     let nc = models[0].cfg.num_classes;
     let labels: Vec<u32> = (0..batch).map(|i| (i % nc) as u32).collect();
@@ -70,7 +90,11 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
     for round in 0..a.warmup + a.runs {
         for (m, dit) in models.iter().enumerate() {
             let t0 = Instant::now();
-            let g = generate(dit, &labels, 0, &spec, engine(dit), &mut |_, _| {})?;
+            let g = if flows[m] {
+                generate_flow(dit, &labels, 0, &flow, engine(dit), &mut |_, _| {})?
+            } else {
+                generate(dit, &labels, 0, &spec, engine(dit), &mut |_, _| {})?
+            };
             dev.synchronize()?;
             let s = t0.elapsed().as_secs_f64();
             if round >= a.warmup {
@@ -101,7 +125,9 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
                 serde_json::json!({"ckpt": names[m], "dynamic": dit.dynamic.is_some(),
                     "gflops_per_forward": gflops, "flops_ratio": ratios[m],
                     "s_per_image": s_img, "speedup": speedup, "batch": batch,
-                    "steps": a.grid_steps, "sampler": a.sampler, "cfg_scale": a.cfg_scale,
+                    "steps": a.grid_steps,
+                    "sampler": if flows[m] { "ode-heun" } else { a.sampler.as_str() },
+                    "cfg_scale": a.cfg_scale,
                     "runs": a.runs, "threads": threads, "dtype": a.dtype,
                     "peak_rss_mib": peak_rss_mib()})
             );

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 /// Flags that pick and load a model.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Architecture preset (DiT-S/2 … DiT-XL/8, or SiT-S/2 … SiT-XL/8 for flow-matching
-    /// checkpoints such as SiT-XL-2-256x256.pt); optional when the checkpoint carries its config.
+    /// Architecture preset (DiT-S/2 … DiT-XL/8, SiT-S/2 … SiT-XL/8 for flow-matching
+    /// checkpoints such as SiT-XL-2-256x256.pt, Latte-S/2 … Latte-XL/8 for Latte's 16-frame
+    /// class-conditional video models); optional when the checkpoint carries its config.
     #[arg(long)]
     pub model: Option<String>,
     /// Checkpoint: official `.pt` (plain, `ema`/`model` nested; f32/f16/bf16) or safetensors.

@@ -12,7 +12,7 @@ use crate::runner::{run_flops, DynamicOptions};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Every DiT preset (static GFLOPs at --image-size, default 256).
+    /// Every DiT and Latte preset (static GFLOPs at --image-size, default 256).
     #[arg(long)]
     pub all: bool,
     /// Sampling steps of the grid whose masks are measured (with --ckpt of a DyDiT: DDPM; of a
@@ -38,7 +38,10 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let size = a.model.image_size.unwrap_or(256);
     if a.all {
-        for name in DitConfig::preset_names() {
+        let latte = DitConfig::preset_names()
+            .into_iter()
+            .map(|n| n.replacen("DiT-", "Latte-", 1));
+        for name in DitConfig::preset_names().into_iter().chain(latte) {
             let g = FlopsModel::new(&DitConfig::preset(&name, size)?, None).static_total() / 1e9;
             print_static(&name, g, a.json);
         }

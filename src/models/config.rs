@@ -226,5 +226,16 @@ mod tests {
         assert!(DitConfig::preset("DiT-M/2", 256).is_err());
         assert!(DitConfig::preset("DiT-S/3", 256).is_err());
         assert_eq!(DitConfig::preset_names().len(), 12);
+        // Latte: DiT widths, 16 frames, channels-first video samples, CFG on every ε channel.
+        let l = DitConfig::preset("Latte-XL/2", 256).unwrap();
+        assert_eq!((l.num_frames, l.depth), (Some(16), 28));
+        assert_eq!(l.sample_shape(), vec![4, 16, 32, 32]);
+        assert_eq!((l.guided_channels(), xl.guided_channels()), (4, 3));
+        assert!(DitConfig {
+            depth: 3,
+            ..l.clone()
+        }
+        .validate()
+        .is_err());
     }
 }

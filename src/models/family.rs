@@ -21,7 +21,7 @@ impl ModelFamily {
         let prefix = name.split_once('-')?.0.to_ascii_lowercase();
         match prefix.as_str() {
             "sit" | "dysit" => Some(Self::Flow),
-            "dit" | "dydit" => Some(Self::Diffusion),
+            "dit" | "dydit" | "latte" | "dylatte" => Some(Self::Diffusion),
             _ => None,
         }
     }
