@@ -22,8 +22,10 @@ FID_STEPS=${FID_STEPS:-50}
 LAMBDAS=${LAMBDAS:-"0.7 0.5 0.3"}
 # The SiT of the README was stopped at 2134 iterations (session time), not PRE_STEPS.
 SIT_STEPS=${SIT_STEPS:-2134}
-LATTE_STEPS=${LATTE_STEPS:-3000}
-VID_N=${VID_N:-300}
+LATTE_STEPS=${LATTE_STEPS:-2527}  # stopped at 2527 for session time
+VID_N=${VID_N:-200}
+VID_STEPS=${VID_STEPS:-25}
+LATTE_FT_STEPS=${LATTE_FT_STEPS:-302}  # the 500-step schedule, stopped at 302
 DATA=(--data "$F/train-images-idx3-ubyte.gz" --pad-to 32)
 # One sampling protocol for every row: DDPM with 50 respaced steps, cfg 1.5, seed 0, classes
 # balanced, FID_N samples (2000 for the README table; 10000 is the FID-10k), FID
@@ -105,7 +107,9 @@ sit() {
                 --steps "$SIT_STEPS" --ckpt-every 250 --log-every 25 --seed 1 --out "$s"
         fi
     fi
-    if [ ! -f "$ds/model.safetensors" ]; then
+    if [ -d "$ds/ckpt" ] && [ ! -f "$ds/model.safetensors" ]; then
+        "$D" finetune --resume --out "$ds"
+    elif [ ! -f "$ds/model.safetensors" ]; then
         "$D" finetune --from "$s/model.safetensors" --target-ratio 0.5 "${DATA[@]}" \
             --steps "$FT_STEPS" --batch-size "$FT_BATCH" --lr 1e-4 --router-lr 1e-3 \
             --warmup-steps 200 --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 \
@@ -123,7 +127,8 @@ sit() {
 }
 
 # Latte / DyLatte on moving Fashion-MNIST clips (16 frames, 16² garments on 32²); per-frame FID
-# of frames 0, 5, 10, 15 of VID_N samples against the same frames of VID_N moving test clips.
+# of frames 0, 5, 10, 15 of VID_N samples (DDPM with VID_STEPS steps) against the same frames of
+# VID_N moving test clips.
 latte() {
     local l="$R/fmnist-latte" dl="$R/fmnist-dylatte-0.5"
     local clips=(--data "$F/train-images-idx3-ubyte.gz" --moving-frames 16 --moving-item 16 --pad-to 32)
@@ -136,9 +141,12 @@ latte() {
                 --ckpt-every 250 --log-every 25 --seed 1 --out "$l"
         fi
     fi
-    if [ ! -f "$dl/model.safetensors" ]; then
+    if [ -d "$dl/ckpt" ] && [ ! -f "$dl/model.safetensors" ]; then
+        "$D" finetune --resume --out "$dl" --steps "$LATTE_FT_STEPS"
+    elif [ ! -f "$dl/model.safetensors" ]; then
         "$D" finetune --from "$l/model.safetensors" --target-ratio 0.5 "${clips[@]}" \
-            --steps "$FT_STEPS" --batch-size 8 --lr 1e-4 --router-lr 1e-3 --warmup-steps 200 \
+            --steps "$LATTE_FT_STEPS" --complete-model-steps 75 --batch-size 8 --lr 1e-4 \
+            --router-lr 1e-3 --warmup-steps 200 \
             --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 --log-every 10 --seed 2 \
             --out "$dl"
     fi
@@ -146,15 +154,15 @@ latte() {
     for m in latte dylatte-0.5; do
         [ -f "$R/eval/$m.json" ] && continue
         "$D" eval --ckpt "$R/fmnist-$m/model.safetensors" --num-samples "$VID_N" \
-            --num-steps "$FID_STEPS" --sampler ddpm --cfg-scale 1.5 --seed 0 --batch-size 20 \
+            --num-steps "$VID_STEPS" --sampler ddpm --cfg-scale 1.5 --seed 0 --batch-size 20 \
             --out "$R/eval/$m.json" --grid "$R/eval/$m.png"
     done
     "$D" bench --ckpt "$l/model.safetensors,$dl/model.safetensors" --batch 10 \
-        --grid-steps "$FID_STEPS" --cfg-scale 1.5 --runs 3 --json | tee "$R/eval/bench-latte.jsonl"
+        --grid-steps "$VID_STEPS" --cfg-scale 1.5 --warmup 1 --runs 2 --json | tee "$R/eval/bench-latte.jsonl"
     mkdir -p docs/fmnist
     for m in latte dylatte-0.5; do
         "$D" sample --ckpt "$R/fmnist-$m/model.safetensors" --class 0,1,2,3,4,5,6,7,8,9 \
-            --num-steps 50 --cfg-scale 4 --nrow 5 --out "$R/eval/clips-$m.gif"
+            --num-steps "$VID_STEPS" --cfg-scale 4 --nrow 5 --out "$R/eval/clips-$m.gif"
         cp "$R/eval/clips-$m.gif" "docs/fmnist/clips-$m.gif"
     done
 }

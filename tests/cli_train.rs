@@ -234,8 +234,18 @@ fn sit_train_dysit_finetune_and_flow_sampling() {
         ft_dir.join("model.safetensors").to_str().unwrap()
     );
     let o = ok(&run(&[
-        "bench", "--ckpt", &both, "--batch", "2", "--grid-steps", "3", "--warmup", "0", "--runs",
-        "1", "--json",
+        "bench",
+        "--ckpt",
+        &both,
+        "--batch",
+        "2",
+        "--grid-steps",
+        "3",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--json",
     ]));
     let rows: Vec<serde_json::Value> = o
         .lines()
