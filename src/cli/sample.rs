@@ -486,7 +486,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let bs = a.batch_size.unwrap_or(classes.len()).max(1);
     let pb = step_bar(
         plan.planned_calls()? * classes.len().div_ceil(bs),
-        bar_label(lm.family, dynamic),
+        bar_label_of(lm.family, video, dynamic),
     );
     let t0 = Instant::now();
     let mut latents = Vec::new();
@@ -605,7 +605,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         if let Some(f) = &flops {
             println!(
                 "{}: {} GFLOPs per forward vs {} static ({:.1}% saved, ratio {:.3})",
-                bar_label(lm.family, true),
+                bar_label_of(lm.family, video, true),
                 fmt_g(f.dynamic_gflops),
                 fmt_g(static_g),
                 100.0 * (1.0 - f.ratio),
@@ -778,6 +778,14 @@ fn write_npz(
 
 /// The progress-bar and summary name of the model kind.
 fn bar_label(family: ModelFamily, dynamic: bool) -> &'static str {
+    bar_label_of(family, false, dynamic)
+}
+
+/// [`bar_label`] that names video models (Latte / DyLatte).
+fn bar_label_of(family: ModelFamily, video: bool, dynamic: bool) -> &'static str {
+    if video {
+        return if dynamic { "DyLatte" } else { "Latte" };
+    }
     match (family, dynamic) {
         (ModelFamily::Diffusion, false) => "DiT",
         (ModelFamily::Diffusion, true) => "DyDiT",
