@@ -4,7 +4,9 @@
 //!
 //! [`path`] coefficients → [`transport`] loss and conversions → [`ode`] / [`sde`] solvers →
 //! [`sampler`] (SiT's `Sampler`) → [`model`] (the network's channels and CFG as SiT uses them).
+//! [`flux_euler`] is FLUX's flow-match Euler grid (σ = 1 noise → 0 data, resolution shift).
 
+pub mod flux_euler;
 pub mod model;
 pub mod ode;
 pub mod path;
