@@ -19,6 +19,7 @@ pub mod io;
 pub mod labels;
 pub mod models;
 pub mod nn;
+pub mod peft;
 pub mod pipeline;
 pub mod runner;
 pub mod train;

@@ -1,0 +1,5 @@
+//! Parameter-efficient fine-tuning: timestep-dynamic LoRA (TD-LoRA) and plain LoRA.
+
+pub mod lora;
+
+pub use lora::LoraFactors;
