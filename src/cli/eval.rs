@@ -213,17 +213,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         sample_s += t0.elapsed().as_secs_f64();
         records.extend(g.records);
         let t1 = Instant::now();
-        let (h, w) = (imgs[0].height() as usize, imgs[0].width() as usize);
-        let data: Vec<f32> = imgs
-            .iter()
-            .flat_map(|im| im.as_raw().iter().map(|&v| f32::from(v)))
-            .collect();
-        let f = net.features(&Tensor::from_vec(
-            data,
-            (imgs.len(), h, w, 3),
-            &Device::Cpu,
-        )?)?;
-        feats.extend(f.flatten_all()?.to_vec1::<f32>()?);
+        feats.extend(image_features(&net, &imgs)?);
         fid_s += t1.elapsed().as_secs_f64();
         for (i, im) in imgs.into_iter().enumerate() {
             if grid_imgs.len() < 40 {
@@ -402,19 +392,20 @@ fn moving_reference(
     let mut feats = Vec::with_capacity(n * picks.len() * 2048);
     for i0 in (0..n).step_by(32) {
         let i1 = (i0 + 32).min(n);
-        let mut rgb = Vec::with_capacity((i1 - i0) * picks.len() * px * 3);
+        let mut frames = Vec::with_capacity((i1 - i0) * picks.len() * px);
         for i in i0..i1 {
             let clip = clips.clip(i);
             for &f in picks {
-                rgb.extend(clip[f * px..(f + 1) * px].iter().flat_map(|&v| {
-                    // The same quantisation as generated frames (`to_images`).
-                    let u = (((v.clamp(-1.0, 1.0) + 1.0) / 2.0) * 255.0 + 0.5).clamp(0.0, 255.0);
-                    [u.floor(); 3]
-                }));
+                frames.extend_from_slice(&clip[f * px..(f + 1) * px]);
             }
         }
-        let t = Tensor::from_vec(rgb, ((i1 - i0) * picks.len(), size, size, 3), &Device::Cpu)?;
-        feats.extend(net.features(&t)?.flatten_all()?.to_vec1::<f32>()?);
+        // Through `to_images`, so real frames are quantised exactly as generated ones.
+        let t = Tensor::from_vec(
+            frames,
+            ((i1 - i0) * picks.len(), 1, size, size),
+            &Device::Cpu,
+        )?;
+        feats.extend(image_features(net, &to_images(&t)?)?);
         pb.set_position(i1 as u64);
     }
     pb.finish_and_clear();
@@ -431,4 +422,15 @@ fn moving_reference(
         computed: n * picks.len(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// FID features of 8-bit images (NHWC, 0–255 as the network expects).
+fn image_features(net: &FidInception, imgs: &[image::RgbImage]) -> anyhow::Result<Vec<f32>> {
+    let (h, w) = (imgs[0].height() as usize, imgs[0].width() as usize);
+    let data: Vec<f32> = imgs
+        .iter()
+        .flat_map(|im| im.as_raw().iter().map(|&v| f32::from(v)))
+        .collect();
+    let t = Tensor::from_vec(data, (imgs.len(), h, w, 3), &Device::Cpu)?;
+    Ok(net.features(&t)?.flatten_all()?.to_vec1::<f32>()?)
 }
