@@ -3,7 +3,7 @@
 # fine-tune DyDiT at λ = 0.7 / 0.5 / 0.3, evaluate FID and speed, draw the pictures, and write
 # the shipped f16 checkpoints. Every stage is resumable and skips what is already done.
 #
-#   scripts/fmnist-experiment.sh [pretrain|finetune|eval|bench|pictures|ship|sit|latte]...
+#   scripts/fmnist-experiment.sh [pretrain|finetune|eval|bench|pictures|ship|sit|latte|peft|fid10k]...
 #   (default: the DiT/DyDiT stages; `sit` and `latte` add the SiT/DySiT and Latte/DyLatte rows)
 #
 # Knobs (environment): DYDIT (binary), RUNS (run dir), PRE_STEPS, FT_STEPS, FT_BATCH, FID_N,
@@ -126,6 +126,82 @@ sit() {
         --cfg-scale 1.5 --runs 3 --json | tee "$R/eval/bench-sit.jsonl"
 }
 
+# DiT → DyDiT λ = 0.5 by parameter-efficient fine-tuning: LoRA and TD-LoRA (rank 8 on qkv,
+# proj, fc1, fc2; TD-LoRA in 4 groups with a 0.5 rank budget) with the DyDiT row's schedule
+# (500 iterations of batch 32, reordering, router lr 1e-3, EMA 0.99); the adapters use lr 1e-3
+# (LoRA's usual 10× the full fine-tuning rate). Then the same FID protocol and one interleaved
+# speed run of DiT / full / LoRA / TD-LoRA, and a side-by-side training cost measurement
+# (PEFT_PROBE steps of each method, peak memory from /usr/bin/time).
+PEFT_PROBE=${PEFT_PROBE:-40}
+peft_finetune() {  # METHOD OUT STEPS [extra flags]
+    local method=$1 out=$2 steps=$3; shift 3
+    local flags=()
+    [ "$method" != full ] && flags=(--peft "$method" --rank 8 --groups 4 --lr 1e-3)
+    [ "$method" = full ] && flags=(--lr 1e-4)
+    "$D" finetune --from "$R/fmnist-dit/model.safetensors" --target-ratio 0.5 "${DATA[@]}" \
+        --steps "$steps" --batch-size "$FT_BATCH" "${flags[@]}" --router-lr 1e-3 \
+        --warmup-steps 200 --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 \
+        --log-every 10 --seed 2 --out "$out" "$@"
+}
+peft() {
+    mkdir -p "$R/eval"
+    for m in lora td-lora; do
+        local out="$R/fmnist-dydit-0.5-$m"
+        if [ -d "$out/ckpt" ] && [ ! -f "$out/model.safetensors" ]; then
+            "$D" finetune --resume --out "$out"
+        elif [ ! -f "$out/model.safetensors" ]; then
+            peft_finetune "$m" "$out" "$FT_STEPS"
+        fi
+        [ -f "$R/eval/dydit-0.5-$m.json" ] && continue
+        "$D" eval --ckpt "$R/fmnist-dit/model.safetensors" --adapter "$out/adapter.safetensors" \
+            "${PROTO[@]}" --out "$R/eval/dydit-0.5-$m.json" --grid "$R/eval/dydit-0.5-$m.png"
+    done
+    "$D" bench --ckpt "$R/fmnist-dit/model.safetensors,$R/fmnist-dydit-0.5/model.safetensors,$R/fmnist-dydit-0.5-lora/model.safetensors,$R/fmnist-dydit-0.5-td-lora/model.safetensors" \
+        --batch 40 --grid-steps "$FID_STEPS" --cfg-scale 1.5 --runs 3 --json \
+        | tee "$R/eval/bench-peft.jsonl"
+    : > "$R/eval/peft-cost.txt"
+    for m in full lora td-lora; do
+        rm -rf "$R/probe-$m"
+        /usr/bin/time -v -o "$R/probe-$m.time" \
+            bash -c "$(declare -f peft_finetune); D=$D R=$R FT_BATCH=$FT_BATCH; DATA=(${DATA[*]}); peft_finetune $m $R/probe-$m $PEFT_PROBE --ckpt-every 1000" \
+            > "$R/probe-$m.out" 2>&1
+        echo "$m $(grep -o '"steps_per_s":[0-9.]*' "$R/probe-$m/log.jsonl" | tail -1) \
+peak_rss_kb=$(grep 'Maximum resident' "$R/probe-$m.time" | grep -o '[0-9]*') \
+$(grep -o 'fine-tuning.*parameters' "$R/probe-$m.out")" | tee -a "$R/eval/peft-cost.txt"
+    done
+}
+
+# FID-10k in pieces that survive across sessions: each model's 10k samples (the eval protocol:
+# DDPM-50, cfg 1.5, seed 0, balanced classes, noise seeded by the global sample index) as
+# FID10K_SHARDS `.npz` shards (each written atomically; existing ones are skipped), joined by
+# merge-npz and scored by `dydit fid` against the cached test-split statistics.
+# FID10K_MODELS: space-separated NAME=CKPT[+ADAPTER].
+FID10K_SHARDS=${FID10K_SHARDS:-4}
+FID10K_MODELS=${FID10K_MODELS:-"dit=$R/fmnist-dit/model.safetensors dydit-0.7=$R/fmnist-dydit-0.7/model.safetensors dydit-0.5=$R/fmnist-dydit-0.5/model.safetensors dydit-0.3=$R/fmnist-dydit-0.3/model.safetensors dydit-0.5-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-lora/adapter.safetensors dydit-0.5-td-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-td-lora/adapter.safetensors"}
+fid10k() {
+    local dir="$R/fid10k"
+    mkdir -p "$dir"
+    for entry in $FID10K_MODELS; do
+        local name=${entry%%=*} spec=${entry#*=}
+        local ckpt=${spec%%+*} ad=()
+        [ "$spec" != "$ckpt" ] && ad=(--adapter "${spec#*+}")
+        [ -f "$dir/$name.json" ] && continue
+        local parts=()
+        for ((i = 0; i < FID10K_SHARDS; i++)); do
+            local part="$dir/$name.part$i-of-$FID10K_SHARDS.npz"
+            parts+=("$part")
+            [ -f "$part" ] && continue
+            "$D" sample --ckpt "$ckpt" "${ad[@]}" --npz "$part" --num-samples 10000 \
+                --shard "$i/$FID10K_SHARDS" --num-steps "$FID_STEPS" --sampler ddpm \
+                --cfg-scale 1.5 --seed 0 --batch-size 40
+        done
+        "$D" merge-npz "${parts[@]}" --out "$dir/$name.npz" --expect 10000
+        "$D" fid --real weights/fid_stats_fashion_test.safetensors --fake "$dir/$name.npz" \
+            --json > "$dir/$name.json.tmp" && mv "$dir/$name.json.tmp" "$dir/$name.json"
+        cat "$dir/$name.json"
+    done
+}
+
 # Latte / DyLatte on moving Fashion-MNIST clips (16 frames, 16² garments on 32²); per-frame FID
 # of frames 0, 5, 10, 15 of VID_N samples (DDPM with VID_STEPS steps) against the same frames of
 # VID_N moving test clips.
@@ -187,6 +263,8 @@ for s in "${stages[@]}"; do
         ship) ship ;;
         sit) sit ;;
         latte) latte ;;
-        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte)" >&2; exit 2 ;;
+        peft) peft ;;
+        fid10k) fid10k ;;
+        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte peft fid10k)" >&2; exit 2 ;;
     esac
 done

@@ -729,3 +729,199 @@ fn latte_train_dylatte_finetune_and_gif_sampling() {
     ]);
     assert_clean_failure(&o, "--png-frames");
 }
+
+/// `finetune --peft td-lora|lora` → OUT/adapter.safetensors → `sample --adapter` on the base
+/// gives the fine-tuned model's images → `merge` writes one checkpoint that samples the same;
+/// bad PEFT flags fail with one clear line.
+#[test]
+fn peft_finetune_adapter_sample_and_merge() {
+    let d = tempfile::tempdir().unwrap();
+    let data = write_idx(d.path());
+    let data = data.to_str().unwrap();
+    let dit_dir = d.path().join("dit");
+    let mut args = vec![
+        "train",
+        "--data",
+        data,
+        "--steps",
+        "4",
+        "--out",
+        dit_dir.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    ok(&run(&args));
+    let base = dit_dir.join("model.safetensors");
+    let base = base.to_str().unwrap();
+    for (peft, extra) in [
+        (
+            "td-lora",
+            vec![
+                "--groups",
+                "2",
+                "--reorder-by-importance",
+                "--importance-batches",
+                "1",
+            ],
+        ),
+        ("lora", vec![]),
+    ] {
+        let out = d.path().join(peft);
+        let mut a = vec![
+            "finetune",
+            "--from",
+            base,
+            "--data",
+            data,
+            "--target-ratio",
+            "0.5",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--log-every",
+            "2",
+            "--peft",
+            peft,
+            "--rank",
+            "4",
+            "--targets",
+            "qkv,fc1,fc2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend(extra.iter().copied());
+        let o = ok(&run(&a));
+        assert!(o.contains(&format!("trainable {peft} parameters")), "{o}");
+        let adapter = out.join("adapter.safetensors");
+        assert!(o.contains("adapter.safetensors"), "{o}");
+        let ad = dydit::peft::adapter::load(&adapter).unwrap();
+        assert_eq!(ad.spec.targets_string(), "qkv,fc1,fc2");
+        if peft == "td-lora" {
+            let steps: Vec<_> = log_events(&out)
+                .into_iter()
+                .filter(|e| e["event"] == "step")
+                .collect();
+            assert!(
+                steps.iter().all(|s| s["lora_active"].as_f64().is_some()),
+                "{steps:?}"
+            );
+        }
+        let sample = |extra: &[&str], png: &str| {
+            let p = d.path().join(png);
+            let mut a = vec![
+                "sample",
+                "--num-steps",
+                "4",
+                "--class",
+                "0,1",
+                "--seed",
+                "3",
+                "--out",
+                p.to_str().unwrap(),
+            ];
+            a.extend(extra);
+            ok(&run(&a));
+            std::fs::read(p).unwrap()
+        };
+        let direct = sample(
+            &["--ckpt", out.join("model.safetensors").to_str().unwrap()],
+            &format!("{peft}-a.png"),
+        );
+        let via = sample(
+            &["--ckpt", base, "--adapter", adapter.to_str().unwrap()],
+            &format!("{peft}-b.png"),
+        );
+        assert_eq!(
+            direct, via,
+            "{peft}: base + adapter samples differ from the exported model"
+        );
+        let merged = d.path().join(format!("{peft}-merged.safetensors"));
+        let o = ok(&run(&[
+            "merge",
+            "--ckpt",
+            base,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            merged.to_str().unwrap(),
+        ]));
+        let ck = dydit::io::checkpoint::load(&merged).unwrap();
+        if peft == "lora" {
+            assert!(o.contains("folded"), "{o}");
+            assert!(
+                !ck.tensors.keys().any(|k| k.contains("lora")),
+                "plain LoRA folds away"
+            );
+        } else {
+            assert!(ck.tensors.contains_key("blocks.0.lora_router.weight"));
+            let m = sample(&["--ckpt", merged.to_str().unwrap()], "td-merged.png");
+            assert_eq!(direct, m, "merged TD-LoRA checkpoint samples differently");
+        }
+    }
+    let bad = d.path().join("bad");
+    let b = bad.to_str().unwrap();
+    assert_clean_failure(
+        &run(&[
+            "finetune",
+            "--from",
+            base,
+            "--data",
+            data,
+            "--target-ratio",
+            "0.5",
+            "--peft",
+            "td-lora",
+            "--rank",
+            "6",
+            "--groups",
+            "4",
+            "--out",
+            b,
+        ]),
+        "--groups 4",
+    );
+    assert_clean_failure(
+        &run(&[
+            "finetune",
+            "--from",
+            base,
+            "--data",
+            data,
+            "--target-ratio",
+            "0.5",
+            "--peft",
+            "lora",
+            "--targets",
+            "qkv,ffn",
+            "--out",
+            b,
+        ]),
+        "'ffn'",
+    );
+    assert_clean_failure(
+        &run(&[
+            "sample",
+            "--ckpt",
+            base,
+            "--adapter",
+            base,
+            "--num-steps",
+            "2",
+            "--out",
+            d.path().join("x.png").to_str().unwrap(),
+        ]),
+        "not a dydit adapter",
+    );
+    assert_clean_failure(
+        &run(&[
+            "merge",
+            "--ckpt",
+            base,
+            "--adapter",
+            d.path().join("none.safetensors").to_str().unwrap(),
+            "--out",
+            d.path().join("m.safetensors").to_str().unwrap(),
+        ]),
+        "none.safetensors",
+    );
+}

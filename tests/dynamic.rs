@@ -24,6 +24,7 @@ fn cfg(depth: usize, heads: usize) -> DitConfig {
         learn_sigma: true,
         class_dropout_prob: 0.1,
         num_frames: None,
+        lora: None,
     }
 }
 
@@ -340,6 +341,7 @@ fn contiguous_head_runs_are_zero_copy_views() {
 fn latte_cfg() -> DitConfig {
     DitConfig {
         num_frames: Some(3),
+        lora: None,
         ..cfg(4, 4)
     }
 }

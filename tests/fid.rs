@@ -494,6 +494,31 @@ fn cli_fid_on_idx_and_png_sets() {
     let second = run(&stats, &[]);
     assert_eq!(second["fid"].as_f64().unwrap(), fd);
     assert_eq!(second["real"]["computed"], 0);
+    // The same generated images as an `.npz` (what `sample --npz` and `merge-npz` write).
+    let npz = dir.path().join("fake.npz");
+    let mut wr = dydit::io::npz::NpzWriter::create(&npz, [n - 2, h, wd, 3]).unwrap();
+    wr.write_images(&px[2 * h * wd * 3..]).unwrap();
+    wr.finish().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["fid", "--json", "--batch", "2", "--weights"])
+        .arg(&w)
+        .arg("--real")
+        .arg(&stats)
+        .arg("--fake")
+        .arg(&npz)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["fid"].as_f64().unwrap(),
+        fd,
+        "npz and PNG folder of the same images"
+    );
 
     // A missing set is one clear error naming it.
     let out = std::process::Command::new(bin)

@@ -35,6 +35,7 @@ fn tiny() -> DitConfig {
         learn_sigma: true,
         class_dropout_prob: 0.1,
         num_frames: None,
+        lora: None,
     }
 }
 

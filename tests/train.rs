@@ -31,6 +31,7 @@ fn tiny(in_ch: usize, size: usize) -> DitConfig {
         learn_sigma: true,
         class_dropout_prob: 0.1,
         num_frames: None,
+        lora: None,
     }
 }
 
@@ -79,6 +80,7 @@ fn tiny_latte() -> DitConfig {
     DitConfig {
         depth: 4,
         num_frames: Some(3),
+        lora: None,
         ..tiny(4, 8)
     }
 }
@@ -98,6 +100,7 @@ fn every_tensor_gets_a_gradient(cfg: &DitConfig, objective: &Objective, batch: B
             target: 0.6,
             tau: 5.0,
             complete: true,
+            lora_active: None,
         }),
         &mut rng,
     )
@@ -178,6 +181,21 @@ fn gradients_match_finite_differences() {
 #[test]
 fn latte_gradients_match_finite_differences() {
     finite_differences(&tiny_latte());
+}
+
+/// The same with a TD-LoRA adapter on every linear: the factors and the LoRA routers (through
+/// the soft gate) get the exact derivative of the loss, on top of the backbone's.
+#[test]
+fn td_lora_gradients_match_finite_differences() {
+    let mut c = tiny(4, 8);
+    c.lora = Some(dydit::peft::LoraSpec {
+        rank: 4,
+        groups: 2,
+        alpha: 6.0,
+        targets: dydit::peft::LoraTarget::ALL.to_vec(),
+        timestep_dynamic: true,
+    });
+    finite_differences(&c);
 }
 
 fn finite_differences(cfg: &DitConfig) {

@@ -31,6 +31,7 @@ pub fn small_config() -> DitConfig {
         learn_sigma: true,
         class_dropout_prob: 0.1,
         num_frames: None,
+        lora: None,
     }
 }
 
@@ -100,6 +101,7 @@ fn time_steps(
             target: 0.5,
             tau: 5.0,
             complete: mode == "dydit+complete",
+            lora_active: None,
         });
         let t0 = Instant::now();
         let loss = step_loss(&model, &objective, &batch, terms, &mut rng)?;

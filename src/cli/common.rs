@@ -24,6 +24,10 @@ pub struct ModelArgs {
     /// Run on CPU even when built with CUDA.
     #[arg(long)]
     pub cpu: bool,
+    /// LoRA / TD-LoRA adapter (OUT/adapter.safetensors of `dydit finetune --peft`) to apply to
+    /// --ckpt, the base checkpoint it was trained from.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 pub fn device(cpu: bool) -> anyhow::Result<Device> {

@@ -10,7 +10,7 @@ use crate::flow::ode::{OdeMethod, Tolerances};
 use crate::flow::sampler::{FlowMode, FlowSampler};
 use crate::flow::transport::Transport;
 use crate::io::image::{save_png, to_images};
-use crate::models::load::load_model;
+use crate::models::load::load_model_with_adapter;
 use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
 use anyhow::Context;
@@ -99,8 +99,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let net = FidInception::load(&weights, &Device::Cpu)?;
     let dev = device(a.model.cpu)?;
-    let lm = load_model(
+    let lm = load_model_with_adapter(
         &ckpt,
+        a.model.adapter.as_deref(),
         a.model.model.as_deref(),
         a.model.image_size,
         DType::F32,
@@ -234,6 +235,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let result = serde_json::json!({
         "fid": fid,
         "checkpoint": ckpt.display().to_string(),
+        "adapter": a.model.adapter.as_ref().map(|p| p.display().to_string()),
         "dynamic": dynamic,
         "protocol": {
             "num_samples": n,

@@ -22,7 +22,8 @@ pub struct Args {
     /// Reference set: image folder, IDX images file, or cached statistics (.safetensors).
     #[arg(long)]
     pub real: PathBuf,
-    /// Generated set: image folder, IDX images file, or cached statistics (.safetensors).
+    /// Generated set: image folder, IDX images file, `.npz` of `dydit sample --npz` (merged
+    /// shards), or cached statistics (.safetensors).
     #[arg(long)]
     pub fake: PathBuf,
     /// Images per network batch.
@@ -75,6 +76,9 @@ pub fn run_convert(a: ConvertArgs) -> Result<i32> {
 enum Source {
     Stats(PathBuf),
     Idx(PathBuf),
+    /// `dydit sample --npz` output (uint8 NHWC `arr_0`, the ADM evaluator's format), e.g. the
+    /// `merge-npz` of shards sampled over several runs.
+    Npz(PathBuf),
     Files(Vec<PathBuf>),
 }
 
@@ -97,8 +101,13 @@ impl Source {
         let is_stats = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        let is_npz = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
         Ok(if is_stats {
             Source::Stats(path.to_path_buf())
+        } else if is_npz {
+            Source::Npz(path.to_path_buf())
         } else {
             Source::Idx(path.to_path_buf())
         })
@@ -205,6 +214,37 @@ pub(crate) fn set_stats(
                 let t = Tensor::from_vec(rgb, (i1 - i0, idx.h, idx.w, 3), &Device::Cpu)?;
                 push(t, &mut feats)?;
                 pb.inc((i1 - i0) as u64);
+            }
+            pb.finish_and_clear();
+            n
+        }
+        Source::Npz(p) => {
+            let mut r = crate::io::npz::NpzReader::open(&p)?;
+            let (total, h, w, c) = match r.shape[..] {
+                [n, h, w, c] => (n, h, w, c),
+                _ => anyhow::bail!("{}: arr_0 is not N×H×W×C", p.display()),
+            };
+            ensure!(
+                c == 3,
+                "{}: {c} channels per image, expected RGB (3)",
+                p.display()
+            );
+            let n = limit.map_or(total, |l| l.min(total));
+            ensure!(
+                n >= 2,
+                "{}: FID needs at least 2 images, got {n}",
+                p.display()
+            );
+            let pb = progress(n, what);
+            for i0 in (0..n).step_by(batch) {
+                let k = batch.min(n - i0);
+                let bytes = r.read_images(i0, k)?;
+                let data: Vec<f32> = bytes.iter().map(|&v| f32::from(v)).collect();
+                push(
+                    Tensor::from_vec(data, (k, h, w, 3), &Device::Cpu)?,
+                    &mut feats,
+                )?;
+                pb.inc(k as u64);
             }
             pb.finish_and_clear();
             n

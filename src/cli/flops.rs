@@ -3,7 +3,7 @@
 
 use super::common::{device, step_bar, ModelArgs};
 use crate::dynamic::flops::FlopsModel;
-use crate::models::load::load_model;
+use crate::models::load::load_model_with_adapter;
 use crate::models::DitConfig;
 use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
@@ -60,8 +60,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(a.num_steps > 0, "--num-steps must be at least 1");
     anyhow::ensure!(a.num_samples > 0, "--num-samples must be at least 1");
     let dev = device(a.model.cpu)?;
-    let lm = load_model(
+    let lm = load_model_with_adapter(
         ckpt,
+        a.model.adapter.as_deref(),
         a.model.model.as_deref(),
         a.model.image_size,
         candle::DType::F32,

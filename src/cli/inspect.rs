@@ -2,7 +2,7 @@
 
 use super::common::{device, ModelArgs};
 use crate::diffusion::Schedule;
-use crate::models::load::load_model;
+use crate::models::load::load_model_with_adapter;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -30,8 +30,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .clone()
         .ok_or_else(|| anyhow::anyhow!("--ckpt is required"))?;
     let dev = device(a.model.cpu)?;
-    let lm = load_model(
+    let lm = load_model_with_adapter(
         &ckpt,
+        a.model.adapter.as_deref(),
         a.model.model.as_deref(),
         a.model.image_size,
         candle::DType::F32,
@@ -80,6 +81,36 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             (h, g)
         })
         .collect();
+    // TD-LoRA: share of adapter groups on per layer, and how many merged weight sets the grid
+    // needs (distinct gate patterns per layer, summed).
+    let lora: Option<(Vec<f64>, usize)> = table
+        .widths
+        .first()
+        .is_some_and(|w| w.iter().any(|l| !l.lora.is_empty()))
+        .then(|| {
+            let n = table.widths.len() as f64;
+            let share = (0..dit.num_layers())
+                .map(|l| {
+                    table
+                        .widths
+                        .iter()
+                        .map(|w| w[l].lora.count() as f64 / w[l].lora.len().max(1) as f64)
+                        .sum::<f64>()
+                        / n
+                })
+                .collect();
+            let merges = (0..dit.num_layers())
+                .map(|l| {
+                    table
+                        .widths
+                        .iter()
+                        .map(|w| w[l].lora.bits())
+                        .collect::<std::collections::HashSet<_>>()
+                        .len()
+                })
+                .sum();
+            (share, merges)
+        });
     if a.json {
         println!(
             "{}",
@@ -87,6 +118,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 "ckpt": ckpt.display().to_string(), "format": format!("{:?}", dit.dynamic.unwrap().format),
                 "num_steps": a.num_steps, "mean_active_heads": mean_h, "mean_active_groups": mean_g,
                 "distinct_patterns": table.distinct_patterns(), "per_layer": per_layer,
+                "lora_active_per_layer": lora.as_ref().map(|l| &l.0),
+                "lora_merged_weight_sets": lora.as_ref().map(|l| l.1),
                 "out": a.out.display().to_string(),
             })
         );
@@ -101,10 +134,19 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             table.distinct_patterns()
         );
         for (l, (h, g)) in per_layer.iter().enumerate() {
+            let extra = lora
+                .as_ref()
+                .map(|(s, _)| format!("  TD-LoRA groups {:5.1}%", 100.0 * s[l]))
+                .unwrap_or_default();
             println!(
-                "  layer {l:>2}: heads {:5.1}%  groups {:5.1}%",
+                "  layer {l:>2}: heads {:5.1}%  groups {:5.1}%{extra}",
                 100.0 * h,
                 100.0 * g
+            );
+        }
+        if let Some((_, merges)) = &lora {
+            println!(
+                "TD-LoRA: {merges} distinct (layer, gate pattern) merged weight sets over the grid"
             );
         }
         println!("wrote {}", a.out.display());

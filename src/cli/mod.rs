@@ -11,6 +11,7 @@ mod fid;
 mod flops;
 mod golden;
 mod inspect;
+mod merge;
 mod merge_npz;
 mod plot_log;
 mod prepare_latents;
@@ -48,6 +49,8 @@ enum Command {
     Train(train::Args),
     /// Fine-tune a DiT into a DyDiT toward a target FLOPs ratio (the official recipe); resumable.
     Finetune(train::Args),
+    /// Apply a LoRA / TD-LoRA adapter to its base checkpoint and write one checkpoint.
+    Merge(merge::Args),
     /// Join the `.npz` shards of `sample --npz --shard i/n` into one file for the ADM evaluator.
     MergeNpz(merge_npz::Args),
     /// Plot loss, FLOPs-ratio and gradient-norm curves of a training log (log.jsonl) to a PNG.
@@ -80,6 +83,7 @@ pub fn main() -> i32 {
         Command::PrepareLatents(a) => prepare_latents::run(a),
         Command::PlotLog(a) => plot_log::run(a),
         Command::MergeNpz(a) => merge_npz::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Fid(a) => fid::run(a),
         Command::Eval(a) => eval::run(a),
         Command::ConvertFid(a) => fid::run_convert(a),

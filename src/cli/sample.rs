@@ -10,7 +10,7 @@ use crate::flow::transport::{LossWeight, Transport};
 use crate::flow::{FlowMode, FlowSampler};
 use crate::io::image::{grid, save_png, to_images};
 use crate::labels::parse_classes;
-use crate::models::load::load_model;
+use crate::models::load::load_model_with_adapter;
 use crate::models::ModelFamily;
 use crate::pipeline::{generate, generate_flow, Engine, FlowSpec, Generated, SamplingSpec};
 use crate::runner::{run_flops, DynamicOptions};
@@ -421,8 +421,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let dev = device(a.model.cpu)?;
     let t_load = Instant::now();
-    let lm = load_model(
+    let lm = load_model_with_adapter(
         &ckpt,
+        a.model.adapter.as_deref(),
         a.model.model.as_deref(),
         a.model.image_size,
         dtype(&a.model.dtype),

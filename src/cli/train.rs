@@ -119,6 +119,33 @@ pub struct Overrides {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub router_lr: Option<f64>,
+    /// Parameter-efficient fine-tuning: freeze the backbone, train a LoRA (`lora`) or a
+    /// timestep-dynamic LoRA (`td-lora`) adapter plus the routers; the run also writes
+    /// OUT/adapter.safetensors.
+    #[arg(long, value_parser = ["lora", "td-lora"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peft: Option<String>,
+    /// LoRA rank of each adapted linear (default 8).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
+    /// TD-LoRA rank groups switched by the timestep router (default 4; must divide --rank).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / rank (default: the rank).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Adapted linears of every block (default qkv,proj,fc1,fc2).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<String>,
+    /// TD-LoRA: share of groups active per timestep that the rank budget pulls toward
+    /// (default 0.5; 1 turns the budget off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_active: Option<f64>,
     /// Total iterations of the run.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -262,7 +289,7 @@ fn run(a: Args, finetune: bool) -> anyhow::Result<i32> {
     };
     let c = &trainer.cfg;
     eprintln!(
-        "{} {} ({:.2} M parameters{}) on {}; {} steps of batch {}, lr {:e}; run dir {} (set-up {:.1} s)",
+        "{} {} ({:.3} M {}parameters{}) on {}; {} steps of batch {}, lr {:e}; run dir {} (set-up {:.1} s)",
         {
             let arch = match (trainer.params.cfg.is_video(), c.family.as_deref() == Some("SiT")) {
                 (true, _) => "Latte",
@@ -277,6 +304,10 @@ fn run(a: Args, finetune: bool) -> anyhow::Result<i32> {
         },
         c.model.as_deref().unwrap_or("model"),
         trainer.params.num_elements() as f64 / 1e6,
+        match &trainer.params.cfg.lora {
+            Some(l) => format!("trainable {} ", l.kind()),
+            None => String::new(),
+        },
         match c.target_ratio {
             Some(l) if trainer.is_dynamic() => format!(", target ratio {l}"),
             _ => String::new(),
@@ -302,6 +333,22 @@ fn run(a: Args, finetune: bool) -> anyhow::Result<i32> {
     }
     let model = out.join("model.safetensors");
     trainer.export(&model)?;
+    let adapter = out.join("adapter.safetensors");
+    if trainer.export_adapter(&adapter)?.is_some() {
+        println!(
+            "adapter {} ({} trainable parameters); apply it with `--ckpt {} --adapter {}`, or \
+             write one checkpoint with `dydit merge`",
+            adapter.display(),
+            trainer.params.num_elements(),
+            trainer
+                .cfg
+                .from
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "BASE".into()),
+            adapter.display()
+        );
+    }
     println!(
         "done: {} steps ({} updates skipped) in {:.1} s; EMA model {} (sample with `dydit sample --ckpt {}`)",
         trainer.state.step,

@@ -51,6 +51,9 @@ impl UnitMask {
     pub fn get(&self, i: usize) -> bool {
         (self.bits >> i) & 1 == 1
     }
+    pub fn to_bools(&self) -> Vec<bool> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
     /// Active unit indices in increasing order.
     pub fn active(&self) -> Vec<usize> {
         (0..self.len()).filter(|&i| self.get(i)).collect()
@@ -80,6 +83,11 @@ impl UnitMask {
 pub struct LayerWidth {
     pub heads: UnitMask,
     pub groups: UnitMask,
+    /// TD-LoRA: the adapter groups on at this timestep (empty without a TD-LoRA adapter). Not a
+    /// width, but a function of t alike, so it rides in the same table and picks the merged
+    /// weights.
+    #[serde(skip_serializing_if = "UnitMask::is_empty")]
+    pub lora: UnitMask,
 }
 
 impl LayerWidth {
@@ -87,6 +95,7 @@ impl LayerWidth {
         Self {
             heads: UnitMask::full(heads),
             groups: UnitMask::full(groups),
+            lora: UnitMask::full(0),
         }
     }
 }

@@ -176,6 +176,9 @@ enum Entry {
     Mlp(Arc<MlpWeights>),
 }
 
+/// (layer, part, width mask bits, TD-LoRA gate bits).
+type Key = (usize, Part, u64, u64);
+
 /// LRU cache of sliced weights keyed by (layer, part, mask). Masks repeat across neighbouring
 /// timesteps, so a 250-step grid needs far fewer slices than steps; the byte budget bounds memory.
 #[derive(Debug)]
@@ -183,7 +186,7 @@ pub struct SliceCache {
     budget: usize,
     used: usize,
     tick: u64,
-    map: HashMap<(usize, Part, u64), (Entry, usize, u64)>,
+    map: HashMap<Key, (Entry, usize, u64)>,
     pub hits: u64,
     pub misses: u64,
 }
@@ -205,7 +208,7 @@ impl SliceCache {
         self.used
     }
 
-    fn touch(&mut self, key: (usize, Part, u64)) -> Option<&Entry> {
+    fn touch(&mut self, key: Key) -> Option<&Entry> {
         self.tick += 1;
         let tick = self.tick;
         match self.map.get_mut(&key) {
@@ -218,7 +221,7 @@ impl SliceCache {
         }
     }
 
-    fn insert(&mut self, key: (usize, Part, u64), entry: Entry, size: usize) {
+    fn insert(&mut self, key: Key, entry: Entry, size: usize) {
         self.misses += 1;
         if size > self.budget {
             return;
@@ -237,13 +240,15 @@ impl SliceCache {
         self.map.insert(key, (entry, size, self.tick));
     }
 
+    /// `lora`: the TD-LoRA gate pattern the weights were merged with (empty: no adapter).
     pub fn attn(
         &mut self,
         layer: usize,
         mask: UnitMask,
+        lora: UnitMask,
         make: impl FnOnce() -> Result<AttnWeights>,
     ) -> Result<Arc<AttnWeights>> {
-        let key = (layer, Part::Attn, mask.bits());
+        let key = (layer, Part::Attn, mask.bits(), lora.bits());
         if let Some(Entry::Attn(w)) = self.touch(key) {
             return Ok(w.clone());
         }
@@ -257,9 +262,10 @@ impl SliceCache {
         &mut self,
         layer: usize,
         mask: UnitMask,
+        lora: UnitMask,
         make: impl FnOnce() -> Result<MlpWeights>,
     ) -> Result<Arc<MlpWeights>> {
-        let key = (layer, Part::Mlp, mask.bits());
+        let key = (layer, Part::Mlp, mask.bits(), lora.bits());
         if let Some(Entry::Mlp(w)) = self.touch(key) {
             return Ok(w.clone());
         }

@@ -41,6 +41,7 @@ pub fn recipe_widths(
                     LayerWidth {
                         heads: UnitMask::from_bools(&on),
                         groups: UnitMask::from_bools(&on),
+                        lora: UnitMask::full(0),
                     }
                 })
                 .collect()

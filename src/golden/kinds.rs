@@ -375,6 +375,7 @@ fn flops_loss(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         attn: g.get("input.mask_attn")?.clone(),
         mlp: g.get("input.mask_mlp")?.clone(),
         token: g.get("input.mask_token")?.clone(),
+        lora: None,
     };
     let lambda = g
         .get("input.lambda")?

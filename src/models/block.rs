@@ -7,6 +7,7 @@
 use crate::dynamic::router::BlockRouters;
 use crate::dynamic::slicing::{AttnWeights, MlpWeights};
 use crate::nn::{attention, autodiff, kernels, ops, Linear};
+use crate::peft::{lora::BlockLora, LoraTarget};
 use candle::{Result, Tensor, D};
 
 pub const LN_EPS: f64 = 1e-6;
@@ -22,6 +23,9 @@ pub struct DitBlock {
     pub fc2: Linear,
     pub num_heads: usize,
     pub routers: Option<BlockRouters>,
+    /// LoRA / TD-LoRA factors on the linears (qkv's B rows head-major, like qkv itself). The
+    /// dense path adds them as a side path; the sliced path merges them into the weights.
+    pub lora: Option<BlockLora>,
 }
 
 /// Which tokens go through the MLP in the inference path.
@@ -92,19 +96,18 @@ impl DitBlock {
         })
     }
 
-    /// Multi-head self-attention of `xn [B, N, C]` over `w.heads` heads; returns the concatenated
-    /// head outputs `[B·N, h·Dh]` before proj. `diff` selects differentiable ops.
+    /// Multi-head self-attention from the head-major qkv projection `[B·N, 3·h·Dh]` over `heads`
+    /// heads; returns the concatenated head outputs `[B·N, h·Dh]` before proj. `diff` selects
+    /// differentiable ops.
     fn attention_heads(
         &self,
-        xn: &Tensor,
-        qkv: &Linear,
+        qkv: Tensor,
+        (b, n): (usize, usize),
         heads: usize,
         diff: bool,
     ) -> Result<Tensor> {
-        let (b, n, _) = xn.dims3()?;
         let dh = self.head_dim();
         let scale = (dh as f64).powf(-0.5);
-        let qkv = qkv.forward(&xn.reshape((b * n, ()))?)?;
         if attention::fused_available(&qkv) {
             return attention::attention(&qkv, b, n, heads, scale);
         }
@@ -143,7 +146,8 @@ impl DitBlock {
             bias_rows(attn.proj_b.as_ref(), b * n, c, x)?
         } else {
             let xn = kernels::layer_norm_modulate(x, &m.shift_msa, &m.scale_msa, LN_EPS)?;
-            let o = self.attention_heads(&xn, &attn.qkv, attn.heads, false)?;
+            let qkv = attn.qkv.forward(&xn.reshape((b * n, c))?)?;
+            let o = self.attention_heads(qkv, (b, n), attn.heads, false)?;
             Linear::new(attn.proj_w.clone(), attn.proj_b.clone()).forward(&o)?
         };
         let x = kernels::gated_residual(x, &a, &m.gate_msa, None)?;
@@ -179,14 +183,36 @@ impl DitBlock {
         }
     }
 
+    /// `lin(rows)` plus the block's LoRA side path on `target` (gated per sample by `gates
+    /// [B, G]`; `None`: every group on). `rows` is `[B·N, in]`.
+    fn lora_linear(
+        &self,
+        target: LoraTarget,
+        lin: &Linear,
+        rows: &Tensor,
+        (b, n): (usize, usize),
+        gates: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let y = lin.forward(rows)?;
+        match self.lora.as_ref().and_then(|l| l.factors(target)) {
+            None => Ok(y),
+            Some(f) => {
+                let side = f.side(&rows.reshape((b, n, ()))?, gates)?;
+                y + side.reshape((b * n, ()))?
+            }
+        }
+    }
+
     /// Dense masked forward exactly as upstream DyDiT writes it (or plain DiT when `masks` is None).
     /// Returns the new residual stream and the token-router logits `[B, N]` computed on the
     /// post-attention stream (what the caller turns into the token mask for `masks.tokens`).
+    /// A LoRA adapter runs as a side path, its groups gated by `lora_gates [B, G]`.
     pub fn forward_masked(
         &self,
         x: &Tensor,
         m: &Modulation,
         masks: Option<&BlockMasks>,
+        lora_gates: Option<&Tensor>,
         token_gate: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
         diff: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
@@ -205,8 +231,10 @@ impl DitBlock {
                 x + y.broadcast_mul(&gate.unsqueeze(1)?)?
             }
         };
-        let xn = ln_mod(x, &m.shift_msa, &m.scale_msa)?;
-        let mut o = self.attention_heads(&xn, &self.qkv, self.num_heads, diff)?;
+        let bn = (b, n);
+        let xn = ln_mod(x, &m.shift_msa, &m.scale_msa)?.reshape((b * n, c))?;
+        let qkv = self.lora_linear(LoraTarget::Qkv, &self.qkv, &xn, bn, lora_gates)?;
+        let mut o = self.attention_heads(qkv, bn, self.num_heads, diff)?;
         if let Some(mk) = masks {
             let rep = repeat_units(mk.heads, self.head_dim())?; // [B, C]
             o = o
@@ -214,7 +242,9 @@ impl DitBlock {
                 .broadcast_mul(&rep.unsqueeze(1)?)?
                 .reshape((b * n, c))?;
         }
-        let a = self.proj.forward(&o)?.reshape((b, n, c))?;
+        let a = self
+            .lora_linear(LoraTarget::Proj, &self.proj, &o, bn, lora_gates)?
+            .reshape((b, n, c))?;
         let x = gated(x, &a, &m.gate_msa)?;
 
         // Token mask from the router on the post-attention stream.
@@ -227,7 +257,13 @@ impl DitBlock {
         };
 
         let h = ln_mod(&x, &m.shift_mlp, &m.scale_mlp)?;
-        let mut h = self.fc1.forward(&h.reshape((b * n, c))?)?;
+        let mut h = self.lora_linear(
+            LoraTarget::Fc1,
+            &self.fc1,
+            &h.reshape((b * n, c))?,
+            bn,
+            lora_gates,
+        )?;
         if let Some(mk) = masks {
             let hid = h.dim(1)?;
             let rep = repeat_units(mk.groups, hid / self.mlp_groups())?; // [B, hidden]
@@ -241,7 +277,9 @@ impl DitBlock {
         } else {
             ops::gelu_tanh(&h)?
         };
-        let mut y = self.fc2.forward(&act)?.reshape((b, n, c))?;
+        let mut y = self
+            .lora_linear(LoraTarget::Fc2, &self.fc2, &act, bn, lora_gates)?
+            .reshape((b, n, c))?;
         if let Some(t) = &tok {
             y = y.broadcast_mul(&t.unsqueeze(D::Minus1)?)?;
         }

@@ -24,6 +24,9 @@ pub struct DitConfig {
     /// `None`: an image model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_frames: Option<usize>,
+    /// A LoRA / TD-LoRA adapter on the block linears (`crate::peft`); `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::peft::LoraSpec>,
 }
 
 fn default_dropout() -> f64 {
@@ -84,6 +87,7 @@ impl DitConfig {
             learn_sigma: true,
             class_dropout_prob: 0.1,
             num_frames,
+            lora: None,
         })
     }
 
@@ -126,6 +130,7 @@ impl DitConfig {
             num_frames: (m.get("arch").and_then(|v| v.as_str()) == Some("Latte"))
                 .then(|| u("num_frames"))
                 .transpose()?,
+            lora: None,
         })
     }
 

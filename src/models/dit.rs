@@ -11,6 +11,7 @@ use crate::dynamic::router::{gate_on, BlockRouters, RouterFormat, TokenRouter, W
 use crate::dynamic::slicing::SliceCache;
 use crate::nn::embed::{label_embed, unpatchify, PatchEmbed, TimestepEmbedder};
 use crate::nn::{ops, Linear};
+use crate::peft::LoraTarget;
 use candle::{DType, Device, Result, Tensor};
 use std::collections::HashMap;
 
@@ -76,6 +77,8 @@ pub struct DynMasks {
     pub attn: Tensor,
     pub mlp: Tensor,
     pub token: Tensor,
+    /// TD-LoRA group gates `[B, L, G]` (what the rank budget of training reads).
+    pub lora: Option<Tensor>,
 }
 
 /// How the dense path turns router logits into masks.
@@ -121,6 +124,28 @@ pub enum MaskSource<'a, 'g> {
 pub type TokenSelections = Vec<Option<Vec<u32>>>;
 
 impl Dit {
+    /// Whether the blocks carry a LoRA / TD-LoRA adapter that is not folded into the weights.
+    pub fn has_lora(&self) -> bool {
+        self.blocks.iter().any(|b| b.lora.is_some())
+    }
+
+    /// Folds a plain LoRA adapter (no router: the same update at every timestep) into the
+    /// weights, so every path runs at exactly the cost of the base model. TD-LoRA stays: its
+    /// update is folded per timestep pattern by [`Dit::forward_dynamic`].
+    pub fn fold_static_lora(&mut self) -> Result<()> {
+        for blk in &mut self.blocks {
+            let Some(a) = blk.lora.as_ref().filter(|a| a.router.is_none()).cloned() else {
+                continue;
+            };
+            blk.qkv = a.merged(LoraTarget::Qkv, &blk.qkv, None)?;
+            blk.proj = a.merged(LoraTarget::Proj, &blk.proj, None)?;
+            blk.fc1 = a.merged(LoraTarget::Fc1, &blk.fc1, None)?;
+            blk.fc2 = a.merged(LoraTarget::Fc2, &blk.fc2, None)?;
+            blk.lora = None;
+        }
+        Ok(())
+    }
+
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
     }
@@ -247,6 +272,10 @@ impl Dit {
 
     /// Static forward (the complete model): every head, group and token.
     pub fn forward(&self, x: &Tensor, t: &[f32], y: &[u32]) -> Result<Tensor> {
+        if self.has_lora() {
+            // Per-sample timesteps: the adapter runs unmerged, groups gated per sample.
+            return Ok(self.forward_dense(x, t, y, MaskSource::Complete, false)?.0);
+        }
         let e = self.embed(x, t, y)?;
         let mut h = e.x.clone();
         for (l, blk) in self.blocks.iter().enumerate() {
@@ -285,11 +314,26 @@ impl Dit {
     ) -> Result<(Tensor, Option<DynMasks>)> {
         let e = self.embed(x, t, y)?;
         let mut h = e.x.clone();
-        let (mut ma, mut mm, mut mt) = (vec![], vec![], vec![]);
+        let (mut ma, mut mm, mut mt, mut ml) = (vec![], vec![], vec![], vec![]);
         for (l, blk) in self.blocks.iter().enumerate() {
             let m: Modulation = self.modulation(l, &e)?;
             h = self.enter(h, l, &e)?;
             let mut none = |_: &Tensor| -> Result<Tensor> { unreachable!("no token router") };
+            // TD-LoRA gates [B, G]: through the gate with the routers (Gumbel in training),
+            // the hard decision otherwise; per sequence of the block's view.
+            let lora = match blk.lora.as_ref().and_then(|a| a.router.as_ref()) {
+                None => None,
+                Some(r) => {
+                    let logits = r.forward(&e.t_emb)?;
+                    let g = match &mut src {
+                        MaskSource::Routers(Gate::Custom(f)) => f(&logits)?,
+                        _ => Gate::Hard { offset: 0.0 }.apply(&logits)?,
+                    };
+                    ml.push(g.clone());
+                    Some(e.per_view(&g, l)?)
+                }
+            };
+            let lora = lora.as_ref();
             match (&mut src, &blk.routers) {
                 (MaskSource::Routers(gate), Some(r)) => {
                     let heads = width_mask(&r.attn, &e.t_emb, gate)?;
@@ -301,7 +345,8 @@ impl Dit {
                         tokens: None,
                     };
                     let mut tg = |l: &Tensor| gate.apply(l);
-                    let (nh, tok) = blk.forward_masked(&h, &m, Some(&masks), &mut tg, diff)?;
+                    let (nh, tok) =
+                        blk.forward_masked(&h, &m, Some(&masks), lora, &mut tg, diff)?;
                     h = nh;
                     ma.push(heads);
                     mm.push(groups);
@@ -320,10 +365,10 @@ impl Dit {
                     };
                     let plain = blk.without_routers();
                     h = plain
-                        .forward_masked(&h, &m, Some(&masks), &mut none, diff)?
+                        .forward_masked(&h, &m, Some(&masks), lora, &mut none, diff)?
                         .0;
                 }
-                _ => h = blk.forward_masked(&h, &m, None, &mut none, diff)?.0,
+                _ => h = blk.forward_masked(&h, &m, None, lora, &mut none, diff)?.0,
             }
             h = self.leave(h, l, &e)?;
         }
@@ -335,6 +380,11 @@ impl Dit {
                 attn: Tensor::stack(&ma, 1)?,
                 mlp: Tensor::stack(&mm, 1)?,
                 token: Tensor::stack(&mt, 1)?,
+                lora: if ml.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::stack(&ml, 1)?)
+                },
             })
         };
         Ok((out, masks))
@@ -345,12 +395,19 @@ impl Dit {
         let t_emb = self.t_embed.forward(&[t], &self.device)?;
         self.blocks
             .iter()
-            .map(|blk| match &blk.routers {
-                None => Ok(LayerWidth::full(blk.num_heads, blk.mlp_groups())),
-                Some(r) => Ok(LayerWidth {
-                    heads: UnitMask::from_bools(&r.attn.decide(&t_emb, offset)?[0]),
-                    groups: UnitMask::from_bools(&r.mlp.decide(&t_emb, offset)?[0]),
-                }),
+            .map(|blk| {
+                let mut w = match &blk.routers {
+                    None => LayerWidth::full(blk.num_heads, blk.mlp_groups()),
+                    Some(r) => LayerWidth {
+                        heads: UnitMask::from_bools(&r.attn.decide(&t_emb, offset)?[0]),
+                        groups: UnitMask::from_bools(&r.mlp.decide(&t_emb, offset)?[0]),
+                        lora: UnitMask::full(0),
+                    },
+                };
+                if let Some(g) = blk.lora.as_ref().map(|a| a.decide(&t_emb)).transpose()? {
+                    w.lora = UnitMask::from_bools(&g.unwrap_or_default());
+                }
+                Ok(w)
             })
             .collect()
     }
@@ -393,16 +450,42 @@ impl Dit {
         for (l, (blk, w)) in self.blocks.iter().zip(widths).enumerate() {
             let m = self.modulation(l, &e)?;
             h = self.enter(h, l, &e)?;
-            let attn = cache.attn(l, w.heads, || {
-                crate::dynamic::slicing::AttnWeights::slice(
-                    &blk.qkv,
-                    &blk.proj,
+            // TD-LoRA: ΔW_t is folded into the weights before slicing, once per (layer, gate
+            // pattern) thanks to the cache: no extra work per step.
+            let attn = cache.attn(l, w.heads, w.lora, || {
+                let (qkv, proj) = match &blk.lora {
+                    None => (blk.qkv.clone(), blk.proj.clone()),
+                    Some(a) => {
+                        let g = (!w.lora.is_empty()).then(|| w.lora.to_bools());
+                        (
+                            a.merged(LoraTarget::Qkv, &blk.qkv, g.as_deref())?,
+                            a.merged(LoraTarget::Proj, &blk.proj, g.as_deref())?,
+                        )
+                    }
+                };
+                let mut s = crate::dynamic::slicing::AttnWeights::slice(
+                    &qkv,
+                    &proj,
                     w.heads,
                     blk.head_dim(),
-                )
+                )?;
+                s.shared &= blk.lora.is_none();
+                Ok(s)
             })?;
-            let mlp = cache.mlp(l, w.groups, || {
-                crate::dynamic::slicing::MlpWeights::slice(&blk.fc1, &blk.fc2, w.groups)
+            let mlp = cache.mlp(l, w.groups, w.lora, || {
+                let (fc1, fc2) = match &blk.lora {
+                    None => (blk.fc1.clone(), blk.fc2.clone()),
+                    Some(a) => {
+                        let g = (!w.lora.is_empty()).then(|| w.lora.to_bools());
+                        (
+                            a.merged(LoraTarget::Fc1, &blk.fc1, g.as_deref())?,
+                            a.merged(LoraTarget::Fc2, &blk.fc2, g.as_deref())?,
+                        )
+                    }
+                };
+                let mut s = crate::dynamic::slicing::MlpWeights::slice(&fc1, &fc2, w.groups)?;
+                s.shared &= blk.lora.is_none();
+                Ok(s)
             })?;
             let mode = match (route_tokens, &blk.routers) {
                 (Some(offset), Some(_)) => TokenMode::Routed { offset },
@@ -428,6 +511,37 @@ fn width_mask(r: &WidthRouter, t_emb: &Tensor, gate: &mut Gate) -> Result<Tensor
         }
         RouterFormat::Old => Ok(m),
     }
+}
+
+/// Block `i`'s adapter from `blocks.{i}.<layer>.lora_A/B` and `blocks.{i}.lora_router`.
+fn block_lora(
+    cfg: &DitConfig,
+    spec: &crate::peft::LoraSpec,
+    i: usize,
+    get: &dyn Fn(&str) -> anyhow::Result<Tensor>,
+    qkv_head_major: bool,
+) -> anyhow::Result<crate::peft::lora::BlockLora> {
+    use crate::peft::{spec::factor_keys, spec::router_key, LoraFactors, LoraTarget};
+    let mut layers: [Option<LoraFactors>; 4] = Default::default();
+    for &t in &spec.targets {
+        let (ka, kb) = factor_keys(i, t);
+        let mut b = get(&kb)?;
+        if t == LoraTarget::Qkv && !qkv_head_major {
+            // B's rows are qkv output rows: the same head-major order as the weight.
+            b = super::weights::qkv_head_major(&b, cfg.num_heads, false)?;
+        }
+        layers[t as usize] = Some(LoraFactors::new(get(&ka)?, b, spec.groups, spec.alpha)?);
+    }
+    let router = if spec.timestep_dynamic {
+        let r = router_key(i);
+        Some(Linear::new(
+            get(&format!("{r}.weight"))?,
+            Some(get(&format!("{r}.bias"))?),
+        ))
+    } else {
+        None
+    };
+    Ok(crate::peft::lora::BlockLora { layers, router })
 }
 
 /// Builds the model from named tensors (upstream key names), checking every key and shape.
@@ -502,6 +616,10 @@ pub fn build_with_layout(
                 fc2: lin(&format!("{p}.mlp.fc2"))?,
                 num_heads: cfg.num_heads,
                 routers,
+                lora: match &cfg.lora {
+                    None => None,
+                    Some(spec) => Some(block_lora(cfg, spec, i, &get, qkv_head_major)?),
+                },
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -97,6 +97,14 @@ fn upstream(
     is_bias: bool,
 ) -> Vec<f32> {
     let zero = || vec![0f32; n];
+    // LoRA (PEFT's init): A uniform in ±1/sqrt(in), B zero, so the adapter starts as ΔW = 0.
+    if name.ends_with(".lora_A") {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        return (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+    }
+    if name.ends_with(".lora_B") {
+        return zero();
+    }
     if name.contains("adaLN_modulation") || name.starts_with("final_layer.linear") {
         return zero();
     }
@@ -128,4 +136,25 @@ pub fn attach_routers(
         }
     }
     Ok(spec)
+}
+
+/// Adds a fresh LoRA / TD-LoRA adapter (`cfg.lora`) to a state dict: A random, B zero (the
+/// model still computes the same function). TD-LoRA routers start undecided (bias 0, Xavier
+/// weights): unlike the TDW routers there is no full-width model to preserve, since ΔW = 0.
+pub fn attach_lora(
+    cfg: &DitConfig,
+    tensors: &mut HashMap<String, Tensor>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.lora.is_some(),
+        "attach_lora: the config names no adapter"
+    );
+    let fresh = init_tensors(cfg, None, Init::Upstream, seed ^ 0x10BA)?;
+    for (k, v) in fresh {
+        if crate::peft::spec::is_lora(&k) {
+            tensors.insert(k, v);
+        }
+    }
+    Ok(())
 }

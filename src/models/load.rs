@@ -118,10 +118,32 @@ pub fn load_model(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<LoadedModel> {
-    let ck = checkpoint::load(path)?;
-    let cfg = resolve_config(&ck, model, image_size)?;
+    load_model_with_adapter(path, None, model, image_size, dtype, device)
+}
+
+/// [`load_model`] with an adapter file (`dydit finetune --peft`) applied to the checkpoint.
+/// A plain LoRA update is folded into the weights here (no cost at any step); a TD-LoRA one
+/// is folded per timestep pattern when the sampler builds its mask table.
+pub fn load_model_with_adapter(
+    path: &Path,
+    adapter: Option<&Path>,
+    model: Option<&str>,
+    image_size: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<LoadedModel> {
+    let mut ck = checkpoint::load(path)?;
+    let mut cfg = resolve_config(&ck, model, image_size)?;
     let family = resolve_family(&ck, model)?;
-    let dit = build(&cfg, &ck.tensors, dtype, device).with_context(|| {
+    if let Some(a) = adapter {
+        let ad = crate::peft::adapter::load(a)?;
+        let (c, t) = ad
+            .apply(&cfg, &ck.tensors)
+            .with_context(|| format!("--adapter {} on --ckpt {}", a.display(), path.display()))?;
+        cfg = c;
+        ck.tensors = t;
+    }
+    let mut dit = build(&cfg, &ck.tensors, dtype, device).with_context(|| {
         format!(
             "{} does not match {}",
             path.display(),
@@ -130,6 +152,7 @@ pub fn load_model(
                 .unwrap_or_else(|| "its own config".into())
         )
     })?;
+    dit.fold_static_lora()?;
     let class_names = match ck.metadata.get(META_CLASSES) {
         Some(js) => serde_json::from_str(js)
             .with_context(|| format!("{}: bad '{META_CLASSES}'", path.display()))?,

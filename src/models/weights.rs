@@ -57,6 +57,19 @@ pub fn expected_shapes(
             lin("token_selection.mlp_head.0", d.token_hidden, c);
             lin("token_selection.mlp_head.2", 1, d.token_hidden);
         }
+        if let Some(lora) = &cfg.lora {
+            for t in &lora.targets {
+                let (out, inp) = t.shape(c, mlp);
+                let (ka, kb) = crate::peft::spec::factor_keys(i, *t);
+                put(ka, vec![lora.rank, inp]);
+                put(kb, vec![out, lora.rank]);
+            }
+            if lora.timestep_dynamic {
+                let r = crate::peft::spec::router_key(i);
+                put(format!("{r}.weight"), vec![lora.groups, c]);
+                put(format!("{r}.bias"), vec![lora.groups]);
+            }
+        }
     }
     let out = p * p * cfg.out_channels();
     put(
@@ -217,6 +230,27 @@ pub fn infer_config(
         learn_sigma: out == 2 * in_ch,
         class_dropout_prob: 0.1,
         num_frames: tensors.get("temp_embed").map(|t| t.dims()[1]),
+        lora: infer_lora(tensors),
+    })
+}
+
+/// A LoRA adapter read off the tensor names and shapes (files without a stored config):
+/// rank from `lora_A`, groups from the TD-LoRA router, alpha = rank (scale 1).
+pub fn infer_lora(tensors: &HashMap<String, Tensor>) -> Option<crate::peft::LoraSpec> {
+    use crate::peft::{spec, LoraTarget};
+    let targets: Vec<LoraTarget> = LoraTarget::ALL
+        .into_iter()
+        .filter(|&t| tensors.contains_key(&spec::factor_keys(0, t).0))
+        .collect();
+    let first = targets.first()?;
+    let rank = tensors[&spec::factor_keys(0, *first).0].dims()[0];
+    let router = tensors.get(&format!("{}.weight", spec::router_key(0)));
+    Some(crate::peft::LoraSpec {
+        rank,
+        groups: router.map(|r| r.dims()[0]).unwrap_or(1),
+        alpha: rank as f64,
+        targets,
+        timestep_dynamic: router.is_some(),
     })
 }
 

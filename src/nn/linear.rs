@@ -37,7 +37,16 @@ impl Linear {
         } else {
             x.reshape((m, k))?
         };
-        let y = if fused_ok(&x2, &self.weight, self.bias.as_ref()) {
+        let y = if frozen_ok(&x2, &self.weight) {
+            // Training through a frozen weight (parameter-efficient fine-tuning): candle's
+            // matmul backward would also compute the weight's gradient, a third of the layer's
+            // backward work, for nothing. This op returns the input's gradient only.
+            let y = x2.contiguous()?.apply_op2(&self.weight, FrozenWeight)?;
+            match &self.bias {
+                Some(b) => super::kernels::add_bias(y, b)?,
+                None => y,
+            }
+        } else if fused_ok(&x2, &self.weight, self.bias.as_ref()) {
             let x2 = x2.contiguous()?;
             match &self.bias {
                 Some(b) => x2.apply_op3_no_bwd(&self.weight, b, &FusedLinear)?,
@@ -69,6 +78,44 @@ impl Linear {
 fn fused_ok(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
     let params_ok = w.is_contiguous() && b.is_none_or(|b| b.is_contiguous());
     params_ok && super::kernels::fast_ok(&[x, w]) && b.is_none_or(|b| super::kernels::fast_ok(&[b]))
+}
+
+/// Whether `x · wᵀ` should run as [`FrozenWeight`]: `x` carries a gradient, `w` is a constant
+/// (not a variable, not computed from one), both f32 on the CPU, `w` contiguous.
+fn frozen_ok(x: &Tensor, w: &Tensor) -> bool {
+    x.track_op()
+        && !w.track_op()
+        && w.is_contiguous()
+        && x.device().is_cpu()
+        && x.dtype() == candle::DType::F32
+        && w.dtype() == candle::DType::F32
+}
+
+/// `x · wᵀ` whose backward returns the gradient of `x` only (`w` is frozen).
+struct FrozenWeight;
+
+impl CustomOp2 for FrozenWeight {
+    fn name(&self) -> &'static str {
+        "dydit-linear-frozen-weight"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        FusedLinear.run((s1, l1), (s2, l2), None)
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
 }
 
 /// `x [M, K] · wᵀ (w [N, K]) (+ b [N])` into a fresh `[M, N]` buffer.
@@ -220,5 +267,37 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (8, 16), &dev).unwrap();
         let y = Linear::new(w, None).forward(&x).unwrap();
         assert_eq!(y.dims(), &[2, 7, 8]);
+    }
+
+    #[test]
+    fn frozen_weight_gives_the_input_gradient_only() {
+        let d = Device::Cpu;
+        let x = candle::Var::randn(0f32, 1.0, (5, 7), &d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 7), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 3, &d).unwrap();
+        let lin = Linear::new(w.clone(), Some(b.clone()));
+        let y = lin.forward(x.as_tensor()).unwrap();
+        let want = x
+            .as_tensor()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let e = (&y - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(e.to_scalar::<f32>().unwrap() < 1e-5);
+        let dir = Tensor::randn(0f32, 1.0, (5, 3), &d).unwrap();
+        let g = (&y * &dir).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(x.as_tensor()).unwrap();
+        let e = (gx - dir.matmul(&w).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(e.to_scalar::<f32>().unwrap() < 1e-5);
+        assert!(
+            g.get(&w).is_none(),
+            "no gradient computed for the frozen weight"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! * inference: the gates depend on t only, so ΔW_t is merged into the weight once per timestep
 //!   of the grid — no cost per step. Plain LoRA is the case G = 1 with the gate always on.
 
+use super::LoraTarget;
 use candle::{Result, Tensor, D};
 
 /// LoRA factors of one linear layer.
@@ -108,6 +109,56 @@ impl LoraFactors {
     /// `weight + ΔW(gates)`.
     pub fn merged(&self, weight: &Tensor, gates: &[bool]) -> Result<Tensor> {
         weight + self.delta(gates)?.to_dtype(weight.dtype())?
+    }
+}
+
+/// A block's adapter: factors per target layer and, for TD-LoRA, the router that gates the
+/// groups from the timestep embedding (the TDW routers' form: one linear, on iff logit > 0).
+#[derive(Debug, Clone)]
+pub struct BlockLora {
+    /// Indexed like [`LoraTarget::ALL`].
+    pub layers: [Option<LoraFactors>; 4],
+    /// `t_emb [B, C]` → group logits `[B, G]`; `None`: plain LoRA (every group always on).
+    pub router: Option<crate::nn::Linear>,
+}
+
+impl BlockLora {
+    pub fn factors(&self, t: LoraTarget) -> Option<&LoraFactors> {
+        self.layers[t as usize].as_ref()
+    }
+
+    /// The groups on at one timestep (inference: logit > 0, as the TDW routers decide).
+    pub fn decide(&self, t_emb: &Tensor) -> Result<Option<Vec<bool>>> {
+        let Some(r) = &self.router else {
+            return Ok(None);
+        };
+        let logits = r
+            .forward(t_emb)?
+            .to_dtype(candle::DType::F32)?
+            .get(0)?
+            .to_vec1::<f32>()?;
+        Ok(Some(
+            logits
+                .iter()
+                .map(|&l| crate::dynamic::router::gate_on(l))
+                .collect(),
+        ))
+    }
+
+    /// `lin` with this adapter's update for `gates` folded in (`None`: every group on).
+    /// Gates depend on t alone, so this is computed once per distinct pattern of a grid.
+    pub fn merged(
+        &self,
+        t: LoraTarget,
+        lin: &crate::nn::Linear,
+        gates: Option<&[bool]>,
+    ) -> Result<crate::nn::Linear> {
+        let Some(f) = self.factors(t) else {
+            return Ok(lin.clone());
+        };
+        let all = vec![true; f.groups];
+        let w = f.merged(&lin.weight, gates.unwrap_or(&all))?;
+        Ok(crate::nn::Linear::new(w, lin.bias.clone()))
     }
 }
 

@@ -73,6 +73,25 @@ pub struct TrainConfig {
     /// a short fine-tune needs a larger router rate.
     pub router_lr: Option<f64>,
 
+    // --- parameter-efficient fine-tuning ---
+    /// `lora` or `td-lora`: freeze the backbone and train an adapter (plus the routers).
+    pub peft: Option<String>,
+    /// LoRA rank R of each adapted linear.
+    pub rank: usize,
+    /// TD-LoRA: rank groups (R/G each) the timestep router switches.
+    pub groups: usize,
+    /// LoRA alpha (update scale alpha / R); default R.
+    pub lora_alpha: Option<f64>,
+    /// Adapted linears of every block, comma separated.
+    pub targets: String,
+    /// TD-LoRA rank budget: the share ρ of groups active per timestep that a penalty
+    /// (weight `flops_weight`) pulls the router toward; 1 disables it.
+    pub lora_active: f64,
+    /// Head and MLP-group orders applied to the base by `reorder_by_importance` (set by the
+    /// run, per layer), so that an adapter can be re-applied to the original checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit_orders: Option<Vec<(Vec<usize>, Vec<usize>)>>,
+
     // --- optimisation ---
     pub steps: u64,
     pub batch_size: usize,
@@ -128,6 +147,13 @@ impl Default for TrainConfig {
             path_type: "linear".into(),
             prediction: "velocity".into(),
             router_lr: None,
+            peft: None,
+            rank: 8,
+            groups: 4,
+            lora_alpha: None,
+            targets: "qkv,proj,fc1,fc2".into(),
+            lora_active: 0.5,
+            unit_orders: None,
             steps: 10_000,
             batch_size: 32,
             lr: 1e-4,
@@ -232,12 +258,41 @@ impl TrainConfig {
                 .map_err(|e| anyhow::anyhow!("family: {e}"))?;
         }
         self.transport().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        if self.peft.is_some() {
+            self.lora_spec()?;
+        }
+        anyhow::ensure!(
+            self.lora_active > 0.0 && self.lora_active <= 1.0,
+            "lora_active must be in (0, 1], got {}",
+            self.lora_active
+        );
         anyhow::ensure!(
             matches!(self.router_format.as_str(), "new" | "old"),
             "router_format must be 'new' or 'old', got '{}'",
             self.router_format
         );
         Ok(())
+    }
+
+    /// The adapter that `peft` asks for (`None`: full fine-tuning).
+    pub fn lora_spec(&self) -> anyhow::Result<Option<crate::peft::LoraSpec>> {
+        let Some(kind) = &self.peft else {
+            return Ok(None);
+        };
+        let timestep_dynamic = match kind.to_ascii_lowercase().as_str() {
+            "lora" => false,
+            "td-lora" | "tdlora" | "td_lora" => true,
+            other => anyhow::bail!("peft: unknown method '{other}' (expected lora or td-lora)"),
+        };
+        let spec = crate::peft::LoraSpec {
+            rank: self.rank,
+            groups: if timestep_dynamic { self.groups } else { 1 },
+            alpha: self.lora_alpha.unwrap_or(self.rank as f64),
+            targets: crate::peft::LoraTarget::parse_list(&self.targets)?,
+            timestep_dynamic,
+        };
+        spec.validate()?;
+        Ok(Some(spec))
     }
 
     /// The backbone config for training from scratch; `frames` (video data) makes it a Latte.
@@ -262,6 +317,7 @@ impl TrainConfig {
                 learn_sigma: true,
                 class_dropout_prob: self.class_dropout_prob,
                 num_frames: frames,
+                lora: None,
             }
         } else {
             // A preset fixes width/depth/heads/patch; the data fixes the rest.

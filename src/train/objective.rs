@@ -171,6 +171,10 @@ pub struct DynamicTerms<'a> {
     pub tau: f64,
     /// Add the complete-model loss this step.
     pub complete: bool,
+    /// TD-LoRA rank budget ρ: `flops.weight · (mean gate − ρ)²` pulls the share of active
+    /// adapter groups toward ρ, so the router allocates rank per timestep instead of switching
+    /// every group on (more rank always lowers the loss at the margin).
+    pub lora_active: Option<f64>,
 }
 
 /// The loss of one step and its parts (as plain numbers for logging).
@@ -181,6 +185,7 @@ pub struct StepLoss {
     pub flops_loss: Option<f64>,
     pub ratio: Option<f64>,
     pub complete_loss: Option<f64>,
+    pub lora_active: Option<f64>,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -205,6 +210,7 @@ pub fn step_loss(
             flops_loss: None,
             ratio: None,
             complete_loss: None,
+            lora_active: None,
         });
     };
     let tau = d.tau;
@@ -215,6 +221,15 @@ pub fn step_loss(
     let masks = masks.ok_or_else(|| candle::Error::Msg("fine-tuning needs a DyDiT".into()))?;
     let fl = d.flops.compute(&masks, d.target)?;
     let mut total = (loss + &fl.loss)?;
+    let mut lora_active = None;
+    if let Some(g) = &masks.lora {
+        let share = g.mean_all()?;
+        lora_active = Some(scalar(&share)?);
+        if let Some(rho) = d.lora_active {
+            let pen = ((share - rho)?.sqr()? * d.flops.weight)?;
+            total = (total + pen)?;
+        }
+    }
     let mut complete_loss = None;
     if d.complete {
         let (fm, _, _, _) = objective.model_loss(dit, batch, MaskSource::Complete)?;
@@ -228,6 +243,7 @@ pub fn step_loss(
         flops_loss: Some(scalar(&fl.loss)?),
         ratio: Some(scalar(&fl.rate)?),
         complete_loss,
+        lora_active,
     })
 }
 

@@ -14,8 +14,17 @@ pub fn is_frozen(name: &str) -> bool {
     name == "pos_embed" || name == "temp_embed"
 }
 
+/// Tensors whose rows are qkv output rows (stored head-major internally).
 fn is_qkv(name: &str) -> bool {
-    name.ends_with(".attn.qkv.weight") || name.ends_with(".attn.qkv.bias")
+    name.ends_with(".attn.qkv.weight")
+        || name.ends_with(".attn.qkv.bias")
+        || name.ends_with(".attn.qkv.lora_B")
+}
+
+/// Parameter-efficient fine-tuning trains only the adapter and the routers (TDW, token and
+/// TD-LoRA); every other tensor of the state dict is frozen.
+pub fn is_trained_by_peft(name: &str) -> bool {
+    crate::peft::spec::is_lora(name) || crate::train::trainer::is_router(name)
 }
 
 pub struct Params {
@@ -24,7 +33,7 @@ pub struct Params {
     /// Trainable tensors, sorted by upstream name.
     pub names: Vec<String>,
     pub vars: Vec<Var>,
-    /// Frozen tensors (upstream layout = internal layout).
+    /// Frozen tensors, internal layout.
     pub frozen: HashMap<String, Tensor>,
 }
 
@@ -45,6 +54,34 @@ impl Params {
         device: &Device,
         dtype: DType,
     ) -> anyhow::Result<Self> {
+        Self::build(cfg, tensors, device, dtype, &is_frozen)
+    }
+
+    /// With an adapter (`cfg.lora`), everything but the adapter and the routers is frozen:
+    /// no gradient is computed for the backbone and the optimizer holds no state for it.
+    pub fn for_training(
+        cfg: &DitConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        if cfg.lora.is_some() {
+            Self::build(cfg, tensors, device, DType::F32, &|n: &str| {
+                !is_trained_by_peft(n)
+            })
+        } else {
+            Self::from_upstream(cfg, tensors, device)
+        }
+    }
+
+    /// `frozen(name)`: tensors kept as constants (internal layout) instead of variables.
+    pub fn build(
+        cfg: &DitConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+        frozen: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<Self> {
+        let is_frozen = frozen;
         let dynamic = detect_dynamic(cfg, tensors)?;
         crate::models::weights::check_keys(cfg, dynamic, tensors)?;
         let mut names: Vec<String> = tensors.keys().filter(|k| !is_frozen(k)).cloned().collect();
@@ -57,7 +94,10 @@ impl Params {
         let frozen = tensors
             .iter()
             .filter(|(k, _)| is_frozen(k))
-            .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype)?.to_device(device)?)))
+            .map(|(k, v)| {
+                let t = v.to_dtype(dtype)?.to_device(device)?;
+                Ok((k.clone(), to_internal(cfg, k, &t)?))
+            })
             .collect::<candle::Result<_>>()?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -98,7 +138,9 @@ impl Params {
             out.insert(n.clone(), from_internal(&self.cfg, n, v)?);
         }
         if with_frozen {
-            out.extend(self.frozen.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for (k, v) in &self.frozen {
+                out.insert(k.clone(), from_internal(&self.cfg, k, v)?);
+            }
         }
         Ok(out)
     }

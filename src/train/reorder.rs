@@ -135,14 +135,14 @@ pub fn permute_layer(
 }
 
 /// Estimates the importance on `data` and reorders every layer of the DiT in `tensors`.
-/// Returns a one-paragraph report.
+/// Returns a one-paragraph report and the per-layer (head, group) orders applied.
 pub fn reorder_by_importance(
     cfg: &DitConfig,
     tensors: &mut HashMap<String, Tensor>,
     data: &dyn Dataset,
     tc: &TrainConfig,
     device: &Device,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, crate::peft::adapter::UnitOrders)> {
     let objective = Objective::for_config(tc)?;
     let imp = importance(
         cfg,
@@ -155,15 +155,18 @@ pub fn reorder_by_importance(
         device,
     )?;
     let mut moved = 0;
+    let mut orders = Vec::with_capacity(cfg.depth);
     for l in 0..cfg.depth {
         let (h, g) = (descending(&imp.heads[l]), descending(&imp.groups[l]));
         moved += h.iter().enumerate().filter(|(i, &v)| *i != v).count();
         moved += g.iter().enumerate().filter(|(i, &v)| *i != v).count();
         permute_layer(cfg, tensors, l, &h, &g)?;
+        orders.push((h, g));
     }
-    Ok(format!(
+    let report = format!(
         "reordered heads and MLP groups by importance ({} batches): {moved} of {} units moved",
         tc.importance_batches.max(1),
         2 * cfg.depth * cfg.num_heads
-    ))
+    );
+    Ok((report, orders))
 }

@@ -32,6 +32,7 @@ pub fn is_router(name: &str) -> bool {
     name.contains("attn_rate.router")
         || name.contains("mlp_rate.router")
         || name.contains("token_selection")
+        || name.contains("lora_router")
 }
 
 /// SplitMix64: decorrelates the seeds of neighbouring steps and streams.
@@ -55,6 +56,8 @@ pub struct StepStats {
     pub ratio: Option<f64>,
     pub target: Option<f64>,
     pub complete_loss: Option<f64>,
+    /// TD-LoRA: share of adapter groups on this step.
+    pub lora_active: Option<f64>,
     pub grad_norm: f64,
     pub skipped: bool,
 }
@@ -138,6 +141,11 @@ impl Trainer {
         let [c, h, w] = data.item_shape();
         anyhow::ensure!(h == w, "square inputs only, the data gives {h}×{w}");
         let model_cfg = cfg.dit_config(c, h, data.frames(), data.num_classes())?;
+        anyhow::ensure!(
+            cfg.peft.is_none(),
+            "--peft adapts a trained model: use `dydit finetune --from CKPT --peft {}`",
+            cfg.peft.as_deref().unwrap_or_default()
+        );
         let tensors = init_tensors(&model_cfg, None, Init::Upstream, cfg.seed)?;
         let params = Params::from_upstream(&model_cfg, &tensors, device)?;
         Self::assemble(cfg, params, data, TrainState::default(), None)
@@ -173,6 +181,16 @@ impl Trainer {
                 _ => return Err(e),
             },
         };
+        let mut model_cfg = model_cfg;
+        let lora = cfg.lora_spec()?;
+        if lora.is_some() {
+            anyhow::ensure!(
+                model_cfg.lora.is_none(),
+                "{} already carries an adapter: fine-tune its base with --peft, or continue \
+                 this run with --resume",
+                from.display()
+            );
+        }
         let mut tensors = ck.tensors.clone();
         tensors.retain(|_, t| t.dtype().is_float());
         let data = open_data(&cfg)?;
@@ -186,7 +204,7 @@ impl Trainer {
             );
         } else {
             if cfg.reorder_by_importance {
-                let report = super::reorder::reorder_by_importance(
+                let (report, orders) = super::reorder::reorder_by_importance(
                     &model_cfg,
                     &mut tensors,
                     data.as_ref(),
@@ -194,6 +212,7 @@ impl Trainer {
                     device,
                 )?;
                 eprintln!("{report}");
+                cfg.unit_orders = Some(orders);
             }
             let format = match cfg.router_format.as_str() {
                 "old" => RouterFormat::Old,
@@ -201,7 +220,11 @@ impl Trainer {
             };
             attach_routers(&model_cfg, &mut tensors, format, cfg.seed)?;
         }
-        let params = Params::from_upstream(&model_cfg, &tensors, device)
+        if let Some(spec) = lora {
+            model_cfg.lora = Some(spec);
+            crate::models::init::attach_lora(&model_cfg, &mut tensors, cfg.seed)?;
+        }
+        let params = Params::for_training(&model_cfg, &tensors, device)
             .with_context(|| format!("fine-tuning {}", from.display()))?;
         Self::assemble(cfg, params, data, TrainState::default(), None)
     }
@@ -222,7 +245,7 @@ impl Trainer {
                 model.entry(name.into()).or_insert_with(|| pe.clone());
             }
         }
-        let params = Params::from_upstream(&ck.model_cfg, &model, device)
+        let params = Params::for_training(&ck.model_cfg, &model, device)
             .with_context(|| format!("{}: model tensors", path.display()))?;
         let what = |g: &str| format!("{}: {g}", path.display());
         let ema = as_vecs(&params.internal_from(&ck.groups.ema, &what("EMA"))?)?;
@@ -369,6 +392,13 @@ impl Trainer {
             target: target.unwrap_or(1.0),
             tau: self.cfg.tau,
             complete: step < self.cfg.complete_steps(),
+            lora_active: self
+                .params
+                .cfg
+                .lora
+                .as_ref()
+                .filter(|l| l.timestep_dynamic && self.cfg.lora_active < 1.0)
+                .map(|_| self.cfg.lora_active),
         });
         let loss = step_loss(&self.model, &self.objective, &batch, dynamic, &mut rng)?;
         let grads = loss.total.backward()?;
@@ -400,6 +430,7 @@ impl Trainer {
             ratio: loss.ratio,
             target: self.flops.as_ref().and(target),
             complete_loss: loss.complete_loss,
+            lora_active: loss.lora_active,
             grad_norm: norm,
             skipped: skip,
         })
@@ -459,6 +490,23 @@ impl Trainer {
             meta.insert(crate::models::load::META_FAMILY.to_string(), f.clone());
         }
         crate::io::checkpoint::save_safetensors(path, &g.ema, &meta)
+    }
+
+    /// The trained part of a parameter-efficient run (EMA weights) as an adapter file for the
+    /// base checkpoint `cfg.from`. `None` for full fine-tuning.
+    pub fn export_adapter(&self, path: &Path) -> anyhow::Result<Option<()>> {
+        let Some(spec) = &self.params.cfg.lora else {
+            return Ok(None);
+        };
+        let g = self.groups()?;
+        crate::peft::adapter::save(
+            path,
+            &g.ema,
+            spec,
+            self.cfg.unit_orders.as_ref(),
+            self.cfg.from.as_deref(),
+        )?;
+        Ok(Some(()))
     }
 
     /// Appends one JSON line to `out/log.jsonl` with a single write, after terminating a line
@@ -563,6 +611,8 @@ struct Accum {
     target: Option<f64>,
     complete: f64,
     n_complete: f64,
+    lora: f64,
+    n_lora: f64,
     gnorm: f64,
     skipped: u64,
     dynamic: bool,
@@ -583,6 +633,10 @@ impl Accum {
         if let Some(c) = s.complete_loss {
             self.complete += c;
             self.n_complete += 1.0;
+        }
+        if let Some(a) = s.lora_active {
+            self.lora += a;
+            self.n_lora += 1.0;
         }
         if s.grad_norm.is_finite() {
             self.gnorm += s.grad_norm;
@@ -632,6 +686,9 @@ impl Accum {
         }
         if self.n_complete > 0.0 {
             v["complete_loss"] = json!(self.complete / self.n_complete);
+        }
+        if self.n_lora > 0.0 {
+            v["lora_active"] = json!(self.lora / self.n_lora);
         }
         v
     }
