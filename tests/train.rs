@@ -453,3 +453,44 @@ fn reordering_keeps_the_function() {
         }
     }
 }
+
+/// `--init-from`: a Latte inflated from an image DiT is that DiT on every frame once the frame
+/// table is left out (spatial block 2k = DiT block k; the temporal blocks start as identities).
+#[test]
+fn latte_inflated_from_a_dit_is_the_dit_per_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(1, 8);
+    let mut t = init_tensors(&cfg, None, Init::Random, 4).unwrap();
+    let path = dir.path().join("dit.safetensors");
+    let meta = std::collections::HashMap::from([(
+        dydit::models::load::META_CONFIG.to_string(),
+        serde_json::to_string(&cfg).unwrap(),
+    )]);
+    dydit::io::checkpoint::save_safetensors(&path, &t, &meta).unwrap();
+    let (lcfg, mut lt) = dydit::train::trainer::inflate_to_latte(&path, 3, 0).unwrap();
+    assert_eq!((lcfg.depth, lcfg.num_frames), (4, Some(3)));
+    let te = lt["temp_embed"].zeros_like().unwrap();
+    lt.insert("temp_embed".into(), te);
+    let dev = Device::Cpu;
+    let latte = dydit::models::dit::build(&lcfg, &lt, candle::DType::F32, &dev).unwrap();
+    let dit = dydit::models::dit::build(&cfg, &t, candle::DType::F32, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 1, 3, 8, 8), &dev).unwrap();
+    let out = latte.forward(&x, &[7.0, 600.0], &[1, 2]).unwrap();
+    for f in 0..3 {
+        let frame = x.narrow(2, f, 1).unwrap().squeeze(2).unwrap();
+        let want = dit.forward(&frame, &[7.0, 600.0], &[1, 2]).unwrap();
+        let got = out.narrow(2, f, 1).unwrap().squeeze(2).unwrap();
+        let e = max_rel_err(&got, &want).unwrap();
+        assert!(e < 1e-5, "frame {f}: {e}");
+    }
+    // A DyDiT is refused, naming the file.
+    t.insert(
+        "blocks.0.attn_rate.router.weight".into(),
+        Tensor::zeros((1, 32), candle::DType::F32, &dev).unwrap(),
+    );
+    dydit::io::checkpoint::save_safetensors(&path, &t, &meta).unwrap();
+    let e = dydit::train::trainer::inflate_to_latte(&path, 3, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dit.safetensors"), "{e}");
+}

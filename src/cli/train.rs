@@ -68,6 +68,11 @@ pub struct Overrides {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moving_item: Option<usize>,
+    /// Video: inflate this image DiT into the Latte (DiT block k → spatial block 2k, temporal
+    /// blocks start as identities); width, heads, patch and classes come from it.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     /// Checkpoint to fine-tune (DiT, or a DyDiT to continue).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -46,6 +46,10 @@ pub struct TrainConfig {
     pub moving_frames: Option<usize>,
     /// Side of the moving garment in pixels.
     pub moving_item: usize,
+    /// Video: start the Latte from this image DiT ("inflation", Latte's own recipe of
+    /// starting from an image model): DiT block k becomes spatial block 2k, the temporal blocks
+    /// start as identities (adaLN-Zero), so the Latte begins as the DiT applied per frame.
+    pub init_from: Option<PathBuf>,
 
     // --- DyDiT fine-tuning ---
     /// DiT (or DyDiT) checkpoint to start from.
@@ -134,6 +138,7 @@ impl Default for TrainConfig {
             flip: true,
             moving_frames: None,
             moving_item: 16,
+            init_from: None,
             from: None,
             target_ratio: None,
             warmup_steps: 1000,

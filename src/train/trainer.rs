@@ -133,6 +133,56 @@ fn check_data_fits(model: &DitConfig, data: &dyn Dataset) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A Latte of `frames` frames that starts as the image DiT in `path` applied to every frame:
+/// DiT block k → spatial block 2k; temporal blocks 2k+1 freshly initialised, whose zero adaLN
+/// gates make them identities; the frame table is the fixed sin-cos one. Embeddings and the
+/// final layer are the DiT's.
+pub fn inflate_to_latte(
+    path: &Path,
+    frames: usize,
+    seed: u64,
+) -> anyhow::Result<(DitConfig, std::collections::HashMap<String, Tensor>)> {
+    let ck = crate::io::checkpoint::load(path)?;
+    let image = crate::models::load::resolve_config(&ck, None, None)?;
+    anyhow::ensure!(
+        !image.is_video() && image.lora.is_none(),
+        "--init-from {}: expected an image DiT, got a {} model",
+        path.display(),
+        if image.is_video() {
+            "video"
+        } else {
+            "LoRA-adapted"
+        }
+    );
+    anyhow::ensure!(
+        !ck.tensors.contains_key("blocks.0.attn_rate.router.weight"),
+        "--init-from {}: a DyDiT; inflate the DiT it was fine-tuned from",
+        path.display()
+    );
+    crate::models::weights::check_keys(&image, None, &ck.tensors)
+        .with_context(|| format!("--init-from {}", path.display()))?;
+    let cfg = DitConfig {
+        depth: 2 * image.depth,
+        num_frames: Some(frames),
+        ..image.clone()
+    };
+    let mut t = init_tensors(&cfg, None, Init::Upstream, seed)?;
+    for (k, v) in &ck.tensors {
+        let v = v.to_dtype(candle::DType::F32)?;
+        match k.strip_prefix("blocks.") {
+            Some(rest) => {
+                let (i, tail) = rest.split_once('.').context("block key")?;
+                let i: usize = i.parse().context("block index")?;
+                t.insert(format!("blocks.{}.{tail}", 2 * i), v);
+            }
+            None => {
+                t.insert(k.clone(), v);
+            }
+        }
+    }
+    Ok((cfg, t))
+}
+
 impl Trainer {
     /// A DiT from scratch (upstream initialisation) on `cfg.data`.
     pub fn from_scratch(cfg: TrainConfig, device: &Device) -> anyhow::Result<Self> {
@@ -146,7 +196,19 @@ impl Trainer {
             "--peft adapts a trained model: use `dydit finetune --from CKPT --peft {}`",
             cfg.peft.as_deref().unwrap_or_default()
         );
-        let tensors = init_tensors(&model_cfg, None, Init::Upstream, cfg.seed)?;
+        let (model_cfg, tensors) = match &cfg.init_from {
+            None => {
+                let t = init_tensors(&model_cfg, None, Init::Upstream, cfg.seed)?;
+                (model_cfg, t)
+            }
+            Some(p) => {
+                anyhow::ensure!(
+                    data.frames().is_some(),
+                    "--init-from inflates an image DiT into a Latte: add --moving-frames"
+                );
+                inflate_to_latte(p, model_cfg.frames(), cfg.seed)?
+            }
+        };
         let params = Params::from_upstream(&model_cfg, &tensors, device)?;
         Self::assemble(cfg, params, data, TrainState::default(), None)
     }

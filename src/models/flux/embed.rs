@@ -54,14 +54,18 @@ impl TimeTextEmbed {
         mlp.forward(&f)
     }
 
-    /// `t` and `guidance` in [0, 1]-ish units (one per sample; the ×1000 happens here);
-    /// `pooled` `[B, pooled_dim]` → temb `[B, D]`.
-    pub fn forward(&self, t: &[f32], guidance: Option<&[f32]>, pooled: &Tensor) -> Result<Tensor> {
-        let (dtype, dev) = (pooled.dtype(), pooled.device());
-        let b = pooled.dim(0)?;
-        if t.len() != b {
-            candle::bail!("{} timesteps for a batch of {b}", t.len());
-        }
+    /// The timestep part of the conditioning: TimestepEmb(1000·t) [+ GuidanceEmb(1000·g)],
+    /// `[B, D]` in `dtype`, before the pooled-text projection is added. It depends on t (and the
+    /// guidance scale, constant over a sampling run) only, never on the prompt: this is what the
+    /// TDW width routers read (see `super::tdw`).
+    pub fn time_guidance(
+        &self,
+        t: &[f32],
+        guidance: Option<&[f32]>,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let b = t.len();
         let mut emb = Self::embed(&self.timestep, t, dtype, dev)?;
         match (&self.guidance, guidance) {
             (Some(mlp), Some(g)) => {
@@ -80,6 +84,30 @@ impl TimeTextEmbed {
             }
             (None, None) => {}
         }
-        emb + self.text.forward(pooled)?
+        Ok(emb)
+    }
+
+    /// `t` and `guidance` in [0, 1]-ish units (one per sample; the ×1000 happens here);
+    /// `pooled` `[B, pooled_dim]` → temb `[B, D]`.
+    pub fn forward(&self, t: &[f32], guidance: Option<&[f32]>, pooled: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_parts(t, guidance, pooled)?.1)
+    }
+
+    /// (timestep + guidance part, full temb): the first is what the TDW routers read, the second
+    /// what every adaLN reads (after SiLU).
+    pub fn forward_parts(
+        &self,
+        t: &[f32],
+        guidance: Option<&[f32]>,
+        pooled: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (dtype, dev) = (pooled.dtype(), pooled.device());
+        let b = pooled.dim(0)?;
+        if t.len() != b {
+            candle::bail!("{} timesteps for a batch of {b}", t.len());
+        }
+        let tg = self.time_guidance(t, guidance, dtype, dev)?;
+        let temb = (&tg + self.text.forward(pooled)?)?;
+        Ok((tg, temb))
     }
 }

@@ -81,6 +81,22 @@ impl FeedForward {
     pub fn forward(&self, rows: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&ops::gelu_tanh(&self.fc1.forward(rows)?)?)
     }
+
+    /// `fc2(GELU(fc1(rows) ⊙ mask))` with `mask` `[M, hidden]` of 0/1: the dense TDW reference
+    /// (the mask multiplies the hidden channels before the activation, as DyDiT does).
+    pub fn forward_masked(&self, rows: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = (self.fc1.forward(rows)? * mask)?;
+        self.fc2.forward(&ops::gelu_tanh(&h)?)
+    }
+
+    /// The FFN restricted to the active groups of a sliced MLP part: `fc1` row-sliced, `fc2`
+    /// column-sliced with its whole bias.
+    pub fn sliced(&self, fc1: &Linear, fc2_w: &Tensor) -> FeedForward {
+        FeedForward {
+            fc1: fc1.clone(),
+            fc2: Linear::new(fc2_w.clone(), self.fc2.bias.clone()),
+        }
+    }
 }
 
 /// RMSNorm over the head dim (diffusers `RMSNorm`, variance in f32).

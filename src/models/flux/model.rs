@@ -1,6 +1,12 @@
 //! The FLUX transformer (diffusers `FluxTransformer2DModel`) with DyFLUX token routing
 //! (`DynFluxTransformer2DModel`): embeddings, double-stream blocks, single-stream blocks on
 //! [text; image], and the final adaLN + projection of the image tokens.
+//!
+//! With TDW routers (`super::tdw`) each block also runs a timestep-dependent subset of its heads
+//! and MLP groups: [`FluxTransformer::mask_table`] computes every block's width once per sampling
+//! grid, [`FluxTransformer::forward_tdw`] runs one step on sliced weights and
+//! [`FluxTransformer::forward_tdw_masked`] is the dense masked reference. Layer `l` of widths and
+//! mask tables is double block `l` for `l < num_layers`, else single block `l − num_layers`.
 
 use super::config::FluxConfig;
 use super::double::DoubleBlock;
@@ -9,11 +15,17 @@ use super::layers::{ln_modulate, modulation, FeedForward};
 use super::rope::Rope;
 use super::router::{Routing, Selection, TokenRouter};
 use super::single::SingleBlock;
-use super::weights::{check_shapes, expected_shapes, is_router_key, strip_prefixes, MODULE_PREFIX};
+use super::tdw::{layer_masks, FluxSliceCache, Part, PartSlice, Width, WidthRouters};
+use super::weights::{
+    check_shapes, expected_shapes_with, is_router_key, is_width_router_key, strip_prefixes,
+    MODULE_PREFIX,
+};
+use crate::dynamic::masks::{LayerWidth, MaskTable};
 use crate::nn::Linear;
 use candle::safetensors::MmapedSafetensors;
 use candle::{DType, Device, Result, Tensor};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct FluxTransformer {
@@ -73,6 +85,17 @@ impl FluxMasks {
 
 /// Tensors by model key, loaded on demand (conversion to the model dtype/device happens here).
 type LoadFn<'a> = dyn Fn(&str) -> anyhow::Result<Tensor> + 'a;
+
+/// How the blocks of one forward run their heads and MLP groups.
+enum Plan<'a> {
+    Full,
+    Sliced {
+        widths: &'a [LayerWidth],
+        cache: &'a mut FluxSliceCache,
+    },
+    /// Per layer `[B, H]` head and group masks.
+    Masked(Vec<(Tensor, Tensor)>),
+}
 
 impl FluxTransformer {
     /// From a state dict in memory (diffusers keys, optionally `module.`-prefixed). DyFLUX
@@ -149,13 +172,16 @@ impl FluxTransformer {
                 None
             }
         };
-        let probe = expected_shapes(cfg, true)
-            .into_keys()
-            .find(|k| is_router_key(k));
-        let routers = probe.is_some_and(|k| stored(&k).is_some());
+        let all = expected_shapes_with(cfg, true, true);
+        let probe = |is: fn(&str) -> bool| {
+            all.keys()
+                .find(|k| is(k))
+                .is_some_and(|k| stored(k).is_some())
+        };
+        let (routers, width) = (probe(is_router_key), probe(is_width_router_key));
         let mut loaded: HashMap<String, Tensor> = HashMap::new();
         let mut found = BTreeMap::new();
-        for k in expected_shapes(cfg, routers).into_keys() {
+        for k in expected_shapes_with(cfg, routers, width).into_keys() {
             if let Some(sk) = stored(&k) {
                 let t = vb.get_unchecked(&sk)?;
                 found.insert(k.clone(), t.dims().to_vec());
@@ -181,13 +207,27 @@ impl FluxTransformer {
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
         let routers = found.keys().any(|k| is_router_key(k));
-        check_shapes(&expected_shapes(cfg, routers), found, report_unexpected)?;
-        Self::build(cfg, routers, load, dtype, device)
+        let width = found.keys().any(|k| is_width_router_key(k));
+        if width {
+            let h = cfg.num_attention_heads;
+            anyhow::ensure!(
+                h >= 2 && cfg.mlp_hidden().is_multiple_of(h),
+                "TDW routers need at least 2 heads and an MLP width ({}) divisible by the {h} heads",
+                cfg.mlp_hidden()
+            );
+        }
+        check_shapes(
+            &expected_shapes_with(cfg, routers, width),
+            found,
+            report_unexpected,
+        )?;
+        Self::build(cfg, routers, width, load, dtype, device)
     }
 
     fn build(
         cfg: &FluxConfig,
         routers: bool,
+        width: bool,
         load: &LoadFn,
         dtype: DType,
         device: &Device,
@@ -229,6 +269,18 @@ impl FluxTransformer {
                 router: lin_as(&format!("{p}.router"), DType::F32)?,
             }))
         };
+        // TDW routers: f32 as well (discrete decisions).
+        let width_routers = |p: &str| -> anyhow::Result<Option<WidthRouters>> {
+            if !width {
+                return Ok(None);
+            }
+            let (a, g) = super::tdw::router_prefixes(p);
+            Ok(Some(WidthRouters::new(
+                lin_as(&a, DType::F32)?,
+                lin_as(&g, DType::F32)?,
+                cfg.num_attention_heads,
+            )))
+        };
         let tte = "time_text_embed";
         let time_text_embed = TimeTextEmbed {
             timestep: mlp2(&format!("{tte}.timestep_embedder"))?,
@@ -263,6 +315,7 @@ impl FluxTransformer {
                     ff: ff(&format!("{p}.ff"))?,
                     ff_context: ff(&format!("{p}.ff_context"))?,
                     router: router(&p)?,
+                    width_routers: width_routers(&p)?,
                     heads,
                     eps,
                 })
@@ -282,6 +335,7 @@ impl FluxTransformer {
                     proj_mlp: lin(&format!("{p}.proj_mlp"))?,
                     proj_out: lin(&format!("{p}.proj_out"))?,
                     router: router(&p)?,
+                    width_routers: width_routers(&p)?,
                     heads,
                     eps,
                 })
@@ -310,22 +364,238 @@ impl FluxTransformer {
             .any(|r| r)
     }
 
-    /// A copy without routers: plain FLUX on the same weights.
+    /// Whether TDW width routers were loaded.
+    pub fn has_width_routers(&self) -> bool {
+        self.double_blocks
+            .iter()
+            .map(|b| b.width_routers.is_some())
+            .chain(self.single_blocks.iter().map(|b| b.width_routers.is_some()))
+            .any(|r| r)
+    }
+
+    /// A copy without routers (token and width): plain FLUX on the same weights.
     pub fn without_routers(&self) -> Self {
         let mut m = self.clone();
-        m.double_blocks.iter_mut().for_each(|b| b.router = None);
-        m.single_blocks.iter_mut().for_each(|b| b.router = None);
+        for b in m.double_blocks.iter_mut() {
+            b.router = None;
+            b.width_routers = None;
+        }
+        for b in m.single_blocks.iter_mut() {
+            b.router = None;
+            b.width_routers = None;
+        }
         m
     }
 
-    /// The inference forward: skipped tokens really skip their MLP work.
+    /// Blocks in layer order (double, then single): the layer count of widths and mask tables.
+    pub fn num_blocks(&self) -> usize {
+        self.double_blocks.len() + self.single_blocks.len()
+    }
+
+    /// Per-sample widths `[sample][layer]` for timesteps `t` and guidance `guidance` (one per
+    /// sample, as in [`FluxInput`]). The routers read the timestep (+ guidance) embedding only,
+    /// so the pooled text never enters. Blocks without routers run at full width.
+    pub fn sample_widths(
+        &self,
+        t: &[f32],
+        guidance: Option<&[f32]>,
+    ) -> Result<Vec<Vec<LayerWidth>>> {
+        let h = self.cfg.num_attention_heads;
+        let full = vec![vec![LayerWidth::full(h, h); self.num_blocks()]; t.len()];
+        if !self.has_width_routers() || t.is_empty() {
+            return Ok(full);
+        }
+        let e = self
+            .time_text_embed
+            .time_guidance(t, guidance, self.dtype, &self.device)?
+            .to_dtype(DType::F32)?;
+        let routers = self
+            .double_blocks
+            .iter()
+            .map(|b| &b.width_routers)
+            .chain(self.single_blocks.iter().map(|b| &b.width_routers));
+        let mut out = full;
+        for (l, r) in routers.enumerate() {
+            if let Some(r) = r {
+                for (s, w) in r.widths(&e)?.into_iter().enumerate() {
+                    out[s][l] = w;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every block's width at timestep `t` (in [0, 1], as [`FluxInput::timestep`]) with guidance
+    /// `guidance` (`None` for models without a guidance embedding).
+    pub fn widths_at(&self, t: f32, guidance: Option<f32>) -> Result<Vec<LayerWidth>> {
+        let g = guidance.map(|g| vec![g]);
+        let mut w = self.sample_widths(&[t], g.as_deref())?;
+        Ok(w.pop().expect("one sample"))
+    }
+
+    /// The mask table of a sampling grid: every block's width at each timestep the model sees,
+    /// computed once (one batched router evaluation) before sampling. The guidance scale is the
+    /// run's constant; the prompt plays no part, so the table serves every prompt and batch.
+    pub fn mask_table(&self, timesteps: &[f32], guidance: Option<f32>) -> Result<MaskTable> {
+        let g = guidance.map(|g| vec![g; timesteps.len()]);
+        Ok(MaskTable {
+            timesteps: timesteps.to_vec(),
+            widths: self.sample_widths(timesteps, g.as_deref())?,
+        })
+    }
+
+    fn check_widths(&self, widths: &[LayerWidth]) -> Result<()> {
+        if widths.len() != self.num_blocks() {
+            candle::bail!(
+                "{} layer widths for {} blocks ({} double + {} single)",
+                widths.len(),
+                self.num_blocks(),
+                self.double_blocks.len(),
+                self.single_blocks.len()
+            );
+        }
+        let h = self.cfg.num_attention_heads;
+        for (l, w) in widths.iter().enumerate() {
+            if w.heads.len() != h || w.groups.len() != h {
+                candle::bail!(
+                    "layer {l}: masks of {} heads / {} groups for a model with {h} of each",
+                    w.heads.len(),
+                    w.groups.len()
+                );
+            }
+            if w.heads.count() == 0 || w.groups.count() == 0 {
+                candle::bail!("layer {l}: a TDW mask with no unit on (unit 0 is always on)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every layer's (attention, MLP) slice for `widths`, from / into `cache`.
+    fn slices(
+        &self,
+        widths: &[LayerWidth],
+        cache: &mut FluxSliceCache,
+    ) -> Result<Vec<(Arc<PartSlice>, Arc<PartSlice>)>> {
+        let nd = self.double_blocks.len();
+        widths
+            .iter()
+            .enumerate()
+            .map(|(l, w)| {
+                let (a, m) = if l < nd {
+                    let blk = &self.double_blocks[l];
+                    (
+                        cache.get(l, Part::Attn, w.heads, || blk.slice_attn(w.heads))?,
+                        cache.get(l, Part::Mlp, w.groups, || blk.slice_mlp(w.groups))?,
+                    )
+                } else {
+                    let blk = &self.single_blocks[l - nd];
+                    (
+                        cache.get(l, Part::Attn, w.heads, || blk.slice_attn(w.heads))?,
+                        cache.get(l, Part::Mlp, w.groups, || blk.slice_mlp(w.groups))?,
+                    )
+                };
+                Ok((a, m))
+            })
+            .collect()
+    }
+
+    /// One sampling step with TDW on sliced weights: block `l` runs the heads and groups of
+    /// `widths[l]` (the step's row of a [`MaskTable`], the same for every sample), on weights
+    /// sliced once per (block, part, mask) and kept in `cache`. `routing` applies to the DyFLUX
+    /// token routers as in [`Self::forward_routed`] (`Off`: every token, widths still applied).
+    pub fn forward_tdw(
+        &self,
+        inp: &FluxInput,
+        widths: &[LayerWidth],
+        cache: &mut FluxSliceCache,
+        routing: Routing,
+    ) -> Result<(Tensor, FluxMasks)> {
+        self.check_widths(widths)?;
+        self.run(inp, routing, Plan::Sliced { widths, cache })
+    }
+
+    /// The dense masked reference of [`Self::forward_tdw`]: full weights, head outputs and MLP
+    /// hidden channels multiplied by the 0/1 masks of `widths` (DyDiT's formulation).
+    pub fn forward_tdw_masked(
+        &self,
+        inp: &FluxInput,
+        widths: &[LayerWidth],
+        routing: Routing,
+    ) -> Result<(Tensor, FluxMasks)> {
+        self.check_widths(widths)?;
+        let b = inp.hidden_states.dim(0)?;
+        let masks = layer_masks(&vec![widths.to_vec(); b], &self.device)?;
+        self.run(inp, routing, Plan::Masked(masks))
+    }
+
+    /// The inference forward: skipped tokens really skip their MLP work; with TDW routers the
+    /// blocks run the widths of the batch's timestep on sliced weights (cut for this call; a
+    /// sampler should use [`Self::mask_table`] and [`Self::forward_tdw`] with a cache).
     /// Returns the prediction `[B, N, out_channels]` in the model dtype and the token masks.
     pub fn forward(&self, inp: &FluxInput) -> Result<(Tensor, FluxMasks)> {
         self.forward_routed(inp, Routing::Skip)
     }
 
-    /// The forward with an explicit use of the routers (see [`Routing`]).
+    /// The forward with an explicit use of the routers (see [`Routing`]). With TDW routers the
+    /// widths come from the routers at the batch's timesteps: `Skip` slices the weights (every
+    /// sample must then get the same widths; use [`Self::forward_tdw`] with a mask table and a
+    /// cache when sampling), `DenseMasked` multiplies by per-sample masks, `Off` ignores every
+    /// router (plain FLUX).
     pub fn forward_routed(&self, inp: &FluxInput, routing: Routing) -> Result<(Tensor, FluxMasks)> {
+        if routing == Routing::Off || !self.has_width_routers() {
+            return self.run(inp, routing, Plan::Full);
+        }
+        let per_sample = self.sample_widths(inp.timestep, inp.guidance)?;
+        match routing {
+            Routing::DenseMasked => self.run(
+                inp,
+                routing,
+                Plan::Masked(layer_masks(&per_sample, &self.device)?),
+            ),
+            _ => {
+                let Some(first) = per_sample.first() else {
+                    return self.run(inp, routing, Plan::Full);
+                };
+                if per_sample.iter().any(|w| w != first) {
+                    candle::bail!(
+                        "the samples of this batch get different TDW widths (different timesteps \
+                         or guidance): sliced execution needs one width per call; split the batch \
+                         or use Routing::DenseMasked"
+                    );
+                }
+                let mut cache = FluxSliceCache::new(0);
+                let widths = first.clone();
+                self.run(
+                    inp,
+                    routing,
+                    Plan::Sliced {
+                        widths: &widths,
+                        cache: &mut cache,
+                    },
+                )
+            }
+        }
+    }
+
+    fn run(&self, inp: &FluxInput, routing: Routing, plan: Plan) -> Result<(Tensor, FluxMasks)> {
+        let (slices, masks) = match plan {
+            Plan::Sliced { widths, cache } => (Some(self.slices(widths, cache)?), None),
+            Plan::Masked(m) => (None, Some(m)),
+            Plan::Full => (None, None),
+        };
+        let width = |l: usize| -> Width {
+            match (&slices, &masks) {
+                (Some(s), _) => Width::Sliced {
+                    attn: &s[l].0,
+                    mlp: &s[l].1,
+                },
+                (_, Some(m)) => Width::Masked {
+                    heads: &m[l].0,
+                    groups: &m[l].1,
+                },
+                _ => Width::Full,
+            }
+        };
         let (dt, dev) = (self.dtype, &self.device);
         let to = |t: &Tensor| t.to_device(dev)?.to_dtype(dt);
         let (b, n, _) = inp.hidden_states.dims3()?;
@@ -360,17 +630,18 @@ impl FluxTransformer {
             sin: rope.sin.to_device(dev)?,
         };
 
-        let mut sel_double = Vec::with_capacity(self.double_blocks.len());
-        for blk in &self.double_blocks {
-            let (i, c, s) = blk.forward(&img, &txt, &temb_act, &rope, routing)?;
+        let nd = self.double_blocks.len();
+        let mut sel_double = Vec::with_capacity(nd);
+        for (l, blk) in self.double_blocks.iter().enumerate() {
+            let (i, c, s) = blk.forward_width(&img, &txt, &temb_act, &rope, routing, width(l))?;
             img = i;
             txt = c;
             sel_double.push(s);
         }
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         let mut sel_single = Vec::with_capacity(self.single_blocks.len());
-        for blk in &self.single_blocks {
-            let (y, s) = blk.forward(&x, t, &temb_act, &rope, routing)?;
+        for (l, blk) in self.single_blocks.iter().enumerate() {
+            let (y, s) = blk.forward_width(&x, t, &temb_act, &rope, routing, width(nd + l))?;
             x = y;
             sel_single.push(s);
         }

@@ -86,7 +86,9 @@ impl TokenRouter {
     }
 }
 
-/// How a forward pass uses the token routers.
+/// How a forward pass uses the token routers (and, in `FluxTransformer::forward_routed`, the TDW
+/// width routers alike: `Skip` slices the weights, `DenseMasked` multiplies by masks, `Off`
+/// ignores them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Routing {
     /// Really skip: the MLP part runs only on the selected rows, gathered over the whole batch

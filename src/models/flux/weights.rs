@@ -5,6 +5,11 @@
 //! norm, router}.{weight, bias}`; without them the model is plain FLUX. The official DyFLUX
 //! checkpoint stores its state dict under `module` (DeepSpeed), so keys may carry a `module.`
 //! prefix, which is stripped.
+//!
+//! TDW (this crate's extension, see `super::tdw`; upstream has no such keys) adds
+//! `{block}.attn_rate.router.{weight, bias}` and `{block}.mlp_rate.router.{weight, bias}`,
+//! `[H−1, D]` and `[H−1]`, on every double and single block. Their presence enables TDW; like the
+//! token routers they are all or nothing, and each is shape-checked.
 
 use super::config::FluxConfig;
 use super::embed::FREQ_DIM;
@@ -16,6 +21,16 @@ pub const MODULE_PREFIX: &str = "module.";
 /// diffusers `state_dict()` keys and shapes of a FLUX transformer of `cfg` (with `routers`: the
 /// DyFLUX token routers too).
 pub fn expected_shapes(cfg: &FluxConfig, routers: bool) -> BTreeMap<String, Vec<usize>> {
+    expected_shapes_with(cfg, routers, false)
+}
+
+/// [`expected_shapes`] with the DyFLUX token routers (`routers`) and the TDW width routers
+/// (`width_routers`, `[H−1, D]` / `[H−1]` per router) chosen independently.
+pub fn expected_shapes_with(
+    cfg: &FluxConfig,
+    routers: bool,
+    width_routers: bool,
+) -> BTreeMap<String, Vec<usize>> {
     let d = cfg.inner_dim();
     let dh = cfg.attention_head_dim;
     let mlp = cfg.mlp_hidden();
@@ -99,7 +114,22 @@ pub fn expected_shapes(cfg: &FluxConfig, routers: bool) -> BTreeMap<String, Vec<
     for (k, n) in norms {
         m.insert(k, vec![n]);
     }
+    if width_routers {
+        let units = cfg.num_attention_heads.saturating_sub(1);
+        for block in super::tdw::block_prefixes(cfg) {
+            let (a, g) = super::tdw::router_prefixes(&block);
+            for p in [a, g] {
+                m.insert(format!("{p}.weight"), vec![units, d]);
+                m.insert(format!("{p}.bias"), vec![units]);
+            }
+        }
+    }
     m
+}
+
+/// Whether a key belongs to a TDW width router (`attn_rate.router` / `mlp_rate.router`).
+pub fn is_width_router_key(key: &str) -> bool {
+    key.contains(".attn_rate.router.") || key.contains(".mlp_rate.router.")
 }
 
 /// Whether a key belongs to a DyFLUX token router.
