@@ -52,11 +52,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         sched.timestep_map.iter().map(|&t| t as f32).collect()
     };
     let table = dit.mask_table(&grid, a.router_offset)?;
-    // A run's export is always `model.safetensors`: name it by its run directory instead.
-    let name = match (ckpt.file_name(), ckpt.parent().and_then(|p| p.file_name())) {
-        (Some(f), Some(dir)) if f == "model.safetensors" => dir.to_string_lossy().into_owned(),
+    // A run's export is always `model.safetensors` (its adapter `adapter.safetensors`): name it
+    // by its run directory instead.
+    let named = a.model.adapter.as_deref().unwrap_or(&ckpt);
+    let name = match (
+        named.file_name(),
+        named.parent().and_then(|p| p.file_name()),
+    ) {
+        (Some(f), Some(dir)) if f == "model.safetensors" || f == "adapter.safetensors" => {
+            dir.to_string_lossy().into_owned()
+        }
         (Some(f), _) => f.to_string_lossy().into_owned(),
-        _ => ckpt.display().to_string(),
+        _ => named.display().to_string(),
     };
     let title = format!("{name} (offset {})", a.router_offset);
     crate::io::image::save_png(&crate::viz::plots::width_plot(&table, &title), &a.out)?;
@@ -125,8 +132,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         );
     } else {
         println!(
-            "{}: {:?}-format routers; over {} steps {:.1}% of heads and {:.1}% of MLP groups active; {} distinct (layer, mask) slices",
+            "{}{}: {:?}-format routers; over {} steps {:.1}% of heads and {:.1}% of MLP groups active; {} distinct (layer, mask) slices",
             ckpt.display(),
+            a.model
+                .adapter
+                .as_ref()
+                .map(|p| format!(" + adapter {}", p.display()))
+                .unwrap_or_default(),
             dit.dynamic.unwrap().format,
             a.num_steps,
             100.0 * mean_h,
