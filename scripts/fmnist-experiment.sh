@@ -159,15 +159,21 @@ peft() {
     "$D" bench --ckpt "$R/fmnist-dit/model.safetensors,$R/fmnist-dydit-0.5/model.safetensors,$R/fmnist-dydit-0.5-lora/model.safetensors,$R/fmnist-dydit-0.5-td-lora/model.safetensors" \
         --batch 40 --grid-steps "$FID_STEPS" --cfg-scale 1.5 --runs 3 --json \
         | tee "$R/eval/bench-peft.jsonl"
+    peft_cost
+}
+# Training cost side by side: PEFT_PROBE steps of each method from the same DiT, one after the
+# other on an otherwise idle machine; steps/s from the run's log, peak memory from /usr/bin/time.
+peft_cost() {
+    mkdir -p "$R/eval"
     : > "$R/eval/peft-cost.txt"
     for m in full lora td-lora; do
         rm -rf "$R/probe-$m"
         /usr/bin/time -v -o "$R/probe-$m.time" \
-            bash -c "$(declare -f peft_finetune); D=$D R=$R FT_BATCH=$FT_BATCH; DATA=(${DATA[*]}); peft_finetune $m $R/probe-$m $PEFT_PROBE --ckpt-every 1000" \
+            bash -c "$(declare -f peft_finetune); D=$D R=$R FT_BATCH=$FT_BATCH; DATA=(${DATA[*]}); peft_finetune $m $R/probe-$m $PEFT_PROBE" \
             > "$R/probe-$m.out" 2>&1
         echo "$m $(grep -o '"steps_per_s":[0-9.]*' "$R/probe-$m/log.jsonl" | tail -1) \
 peak_rss_kb=$(grep 'Maximum resident' "$R/probe-$m.time" | grep -o '[0-9]*') \
-$(grep -o 'fine-tuning.*parameters' "$R/probe-$m.out")" | tee -a "$R/eval/peft-cost.txt"
+$(grep -o '([0-9.]* M [a-z -]*parameters' "$R/probe-$m.out")" | tee -a "$R/eval/peft-cost.txt"
     done
 }
 
@@ -264,7 +270,8 @@ for s in "${stages[@]}"; do
         sit) sit ;;
         latte) latte ;;
         peft) peft ;;
+        peft-cost) peft_cost ;;
         fid10k) fid10k ;;
-        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte peft fid10k)" >&2; exit 2 ;;
+        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte peft peft-cost fid10k)" >&2; exit 2 ;;
     esac
 done

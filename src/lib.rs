@@ -22,6 +22,7 @@ pub mod nn;
 pub mod peft;
 pub mod pipeline;
 pub mod runner;
+pub mod t2i;
 pub mod train;
 pub mod vae;
 pub mod viz;

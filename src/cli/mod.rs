@@ -16,6 +16,7 @@ mod merge_npz;
 mod plot_log;
 mod prepare_latents;
 mod sample;
+mod t2i;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -66,6 +67,8 @@ enum Command {
     ConvertFid(fid::ConvertArgs),
     /// Check this implementation against golden test vectors of the official PyTorch code.
     Golden(golden::Args),
+    /// Text-to-image with FLUX / DyFLUX from local T5, CLIP, VAE and transformer weights.
+    T2i(t2i::Args),
 }
 
 /// Runs the CLI; returns the process exit code. Every error is one clear line on stderr.
@@ -88,6 +91,7 @@ pub fn main() -> i32 {
         Command::Eval(a) => eval::run(a),
         Command::ConvertFid(a) => fid::run_convert(a),
         Command::Finetune(a) => train::run_finetune(a),
+        Command::T2i(a) => t2i::run(a),
     };
     match res {
         Ok(code) => code,

@@ -187,6 +187,10 @@ pub struct SliceCache {
     used: usize,
     tick: u64,
     map: HashMap<Key, (Entry, usize, u64)>,
+    /// TD-LoRA: a layer's linears with ΔW_t folded in, per (layer, gate pattern). Slices of
+    /// them are cut like slices of the plain weights (contiguous runs are views), so the update
+    /// costs one merge per pattern of the grid, not one per (width, pattern).
+    merged: HashMap<(usize, u64), Arc<[crate::nn::Linear; 4]>>,
     pub hits: u64,
     pub misses: u64,
 }
@@ -199,9 +203,26 @@ impl SliceCache {
             used: 0,
             tick: 0,
             map: HashMap::new(),
+            merged: HashMap::new(),
             hits: 0,
             misses: 0,
         }
+    }
+
+    /// Layer `layer`'s (qkv, proj, fc1, fc2) merged with the TD-LoRA gate pattern `lora`, made
+    /// by `make` on first use. Bounded by the patterns a grid visits (a handful per layer).
+    pub fn merged(
+        &mut self,
+        layer: usize,
+        lora: UnitMask,
+        make: impl FnOnce() -> Result<[crate::nn::Linear; 4]>,
+    ) -> Result<Arc<[crate::nn::Linear; 4]>> {
+        if let Some(m) = self.merged.get(&(layer, lora.bits())) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(make()?);
+        self.merged.insert((layer, lora.bits()), m.clone());
+        Ok(m)
     }
 
     pub fn used_bytes(&self) -> usize {

@@ -190,16 +190,12 @@ impl DitBlock {
         target: LoraTarget,
         lin: &Linear,
         rows: &Tensor,
-        (b, n): (usize, usize),
+        (_, n): (usize, usize),
         gates: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let y = lin.forward(rows)?;
         match self.lora.as_ref().and_then(|l| l.factors(target)) {
-            None => Ok(y),
-            Some(f) => {
-                let side = f.side(&rows.reshape((b, n, ()))?, gates)?;
-                y + side.reshape((b * n, ()))?
-            }
+            None => lin.forward(rows),
+            Some(f) => lin.forward_lora(rows, &f.down(rows, n, gates)?, &f.b),
         }
     }
 

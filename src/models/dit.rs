@@ -451,41 +451,29 @@ impl Dit {
             let m = self.modulation(l, &e)?;
             h = self.enter(h, l, &e)?;
             // TD-LoRA: ΔW_t is folded into the weights before slicing, once per (layer, gate
-            // pattern) thanks to the cache: no extra work per step.
+            // pattern) of the grid (cached): each step then costs what a plain DyDiT step does.
+            let merged = match &blk.lora {
+                None => None,
+                Some(a) => Some(cache.merged(l, w.lora, || {
+                    let g = (!w.lora.is_empty()).then(|| w.lora.to_bools());
+                    let g = g.as_deref();
+                    Ok([
+                        a.merged(LoraTarget::Qkv, &blk.qkv, g)?,
+                        a.merged(LoraTarget::Proj, &blk.proj, g)?,
+                        a.merged(LoraTarget::Fc1, &blk.fc1, g)?,
+                        a.merged(LoraTarget::Fc2, &blk.fc2, g)?,
+                    ])
+                })?),
+            };
+            let [qkv, proj, fc1, fc2] = match &merged {
+                Some(m) => [&m[0], &m[1], &m[2], &m[3]],
+                None => [&blk.qkv, &blk.proj, &blk.fc1, &blk.fc2],
+            };
             let attn = cache.attn(l, w.heads, w.lora, || {
-                let (qkv, proj) = match &blk.lora {
-                    None => (blk.qkv.clone(), blk.proj.clone()),
-                    Some(a) => {
-                        let g = (!w.lora.is_empty()).then(|| w.lora.to_bools());
-                        (
-                            a.merged(LoraTarget::Qkv, &blk.qkv, g.as_deref())?,
-                            a.merged(LoraTarget::Proj, &blk.proj, g.as_deref())?,
-                        )
-                    }
-                };
-                let mut s = crate::dynamic::slicing::AttnWeights::slice(
-                    &qkv,
-                    &proj,
-                    w.heads,
-                    blk.head_dim(),
-                )?;
-                s.shared &= blk.lora.is_none();
-                Ok(s)
+                crate::dynamic::slicing::AttnWeights::slice(qkv, proj, w.heads, blk.head_dim())
             })?;
             let mlp = cache.mlp(l, w.groups, w.lora, || {
-                let (fc1, fc2) = match &blk.lora {
-                    None => (blk.fc1.clone(), blk.fc2.clone()),
-                    Some(a) => {
-                        let g = (!w.lora.is_empty()).then(|| w.lora.to_bools());
-                        (
-                            a.merged(LoraTarget::Fc1, &blk.fc1, g.as_deref())?,
-                            a.merged(LoraTarget::Fc2, &blk.fc2, g.as_deref())?,
-                        )
-                    }
-                };
-                let mut s = crate::dynamic::slicing::MlpWeights::slice(&fc1, &fc2, w.groups)?;
-                s.shared &= blk.lora.is_none();
-                Ok(s)
+                crate::dynamic::slicing::MlpWeights::slice(fc1, fc2, w.groups)
             })?;
             let mode = match (route_tokens, &blk.routers) {
                 (Some(offset), Some(_)) => TokenMode::Routed { offset },

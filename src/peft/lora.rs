@@ -82,6 +82,29 @@ impl LoraFactors {
     }
 
     /// ΔW `[out, in]` for one gate pattern (inference: merged into the weight per timestep).
+    /// The down-projection of rows `x [B·N, in]` (`n` rows per sample), gated per sample and
+    /// scaled: `u = scale · (x·Aᵀ) ⊙ g` `[B·N, R]`, so that the update is `u · Bᵀ`. Everything
+    /// per-row stays R wide; the caller adds `u · Bᵀ` inside the frozen linear's own GEMM.
+    pub fn down(&self, x: &Tensor, n: usize, gates: Option<&Tensor>) -> Result<Tensor> {
+        let (rows, _) = x.dims2()?;
+        let r = self.rank();
+        let h = (x.matmul(&self.a.t()?)? * self.scale)?;
+        let Some(g) = gates else {
+            return Ok(h);
+        };
+        let bsz = rows / n.max(1);
+        if g.dims() != [bsz, self.groups] || bsz * n != rows {
+            candle::bail!(
+                "LoRA gates {:?} for {rows} rows of {n} tokens and {} groups",
+                g.dims(),
+                self.groups
+            );
+        }
+        h.reshape((bsz, n, r))?
+            .broadcast_mul(&self.rank_gates(g)?.unsqueeze(1)?)?
+            .reshape((rows, r))
+    }
+
     pub fn delta(&self, gates: &[bool]) -> Result<Tensor> {
         if gates.len() != self.groups {
             candle::bail!("{} gates for {} LoRA groups", gates.len(), self.groups);
