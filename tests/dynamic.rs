@@ -215,7 +215,7 @@ fn slice_cache_bounds_memory_and_reuses_slices() {
         assert_eq!(max_rel_err(&a, &b).unwrap(), 0.0);
         assert!(tiny.used_bytes() <= 8 * 1024);
     }
-    assert!(big.hits > 0, "repeated mask patterns must hit the cache");
+    assert!(big.hits() > 0, "repeated mask patterns must hit the cache");
     assert!(table.distinct_patterns() < ts.len() * c.depth);
 }
 

@@ -272,12 +272,12 @@ fn sliced_path_equals_dense_masked_reference() {
     }
     // Non-contiguous patterns were copied once, then served from the cache.
     assert!(cache.used_bytes() > 0);
-    let misses = cache.misses;
-    let hits = cache.hits;
+    let misses = cache.misses();
+    let hits = cache.hits();
     m.forward_tdw(&inp.get(), &forced_widths()[0], &mut cache, Routing::Skip)
         .unwrap();
-    assert_eq!(cache.misses, misses);
-    assert_eq!(cache.hits, hits + 10);
+    assert_eq!(cache.misses(), misses);
+    assert_eq!(cache.hits(), hits + 10);
 }
 
 #[test]

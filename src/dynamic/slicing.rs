@@ -3,6 +3,7 @@
 //! head-major, see `models::weights::qkv_head_major`, so a head's q, k and v rows are adjacent);
 //! other patterns are copied once and cached per (layer, mask) under a byte budget.
 
+use super::lru::ByteLru;
 use super::masks::UnitMask;
 use crate::nn::Linear;
 use candle::{Result, Tensor};
@@ -170,7 +171,7 @@ enum Part {
     Mlp,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Entry {
     Attn(Arc<AttnWeights>),
     Mlp(Arc<MlpWeights>),
@@ -183,29 +184,19 @@ type Key = (usize, Part, u64, u64);
 /// timesteps, so a 250-step grid needs far fewer slices than steps; the byte budget bounds memory.
 #[derive(Debug)]
 pub struct SliceCache {
-    budget: usize,
-    used: usize,
-    tick: u64,
-    map: HashMap<Key, (Entry, usize, u64)>,
+    lru: ByteLru<Key, Entry>,
     /// TD-LoRA: a layer's linears with ΔW_t folded in, per (layer, gate pattern). Slices of
     /// them are cut like slices of the plain weights (contiguous runs are views), so the update
     /// costs one merge per pattern of the grid, not one per (width, pattern).
     merged: HashMap<(usize, u64), Arc<[crate::nn::Linear; 4]>>,
-    pub hits: u64,
-    pub misses: u64,
 }
 
 impl SliceCache {
     /// `budget` in bytes; 0 disables caching (slices are cut at every use).
     pub fn new(budget: usize) -> Self {
         Self {
-            budget,
-            used: 0,
-            tick: 0,
-            map: HashMap::new(),
+            lru: ByteLru::new(budget),
             merged: HashMap::new(),
-            hits: 0,
-            misses: 0,
         }
     }
 
@@ -226,42 +217,17 @@ impl SliceCache {
     }
 
     pub fn used_bytes(&self) -> usize {
-        self.used
+        self.lru.used_bytes()
     }
 
-    fn touch(&mut self, key: Key) -> Option<&Entry> {
-        self.tick += 1;
-        let tick = self.tick;
-        match self.map.get_mut(&key) {
-            Some(e) => {
-                e.2 = tick;
-                self.hits += 1;
-                Some(&e.0)
-            }
-            None => None,
-        }
+    pub fn hits(&self) -> u64 {
+        self.lru.hits
     }
 
-    fn insert(&mut self, key: Key, entry: Entry, size: usize) {
-        self.misses += 1;
-        if size > self.budget {
-            return;
-        }
-        while self.used + size > self.budget {
-            let oldest = self
-                .map
-                .iter()
-                .min_by_key(|(_, v)| v.2)
-                .map(|(k, _)| *k)
-                .expect("used > 0 implies an entry");
-            let (_, s, _) = self.map.remove(&oldest).unwrap();
-            self.used -= s;
-        }
-        self.used += size;
-        self.map.insert(key, (entry, size, self.tick));
+    pub fn misses(&self) -> u64 {
+        self.lru.misses
     }
 
-    /// `lora`: the TD-LoRA gate pattern the weights were merged with (empty: no adapter).
     pub fn attn(
         &mut self,
         layer: usize,
@@ -270,13 +236,15 @@ impl SliceCache {
         make: impl FnOnce() -> Result<AttnWeights>,
     ) -> Result<Arc<AttnWeights>> {
         let key = (layer, Part::Attn, mask.bits(), lora.bits());
-        if let Some(Entry::Attn(w)) = self.touch(key) {
-            return Ok(w.clone());
+        let e = self.lru.get_or_make(key, || {
+            let w = make()?;
+            let size = if w.shared { 0 } else { w.bytes() };
+            Ok::<_, candle::Error>((Entry::Attn(Arc::new(w)), size))
+        })?;
+        match e {
+            Entry::Attn(w) => Ok(w),
+            Entry::Mlp(_) => unreachable!("attention key holds attention weights"),
         }
-        let w = Arc::new(make()?);
-        let size = if w.shared { 0 } else { w.bytes() };
-        self.insert(key, Entry::Attn(w.clone()), size);
-        Ok(w)
     }
 
     pub fn mlp(
@@ -287,12 +255,14 @@ impl SliceCache {
         make: impl FnOnce() -> Result<MlpWeights>,
     ) -> Result<Arc<MlpWeights>> {
         let key = (layer, Part::Mlp, mask.bits(), lora.bits());
-        if let Some(Entry::Mlp(w)) = self.touch(key) {
-            return Ok(w.clone());
+        let e = self.lru.get_or_make(key, || {
+            let w = make()?;
+            let size = if w.shared { 0 } else { w.bytes() };
+            Ok::<_, candle::Error>((Entry::Mlp(Arc::new(w)), size))
+        })?;
+        match e {
+            Entry::Mlp(w) => Ok(w),
+            Entry::Attn(_) => unreachable!("MLP key holds MLP weights"),
         }
-        let w = Arc::new(make()?);
-        let size = if w.shared { 0 } else { w.bytes() };
-        self.insert(key, Entry::Mlp(w.clone()), size);
-        Ok(w)
     }
 }

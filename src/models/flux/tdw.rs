@@ -44,6 +44,7 @@
 //! (block, part, mask) in a [`FluxSliceCache`]) or `Masked` (the dense reference: full weights,
 //! outputs multiplied by per-sample 0/1 masks). Token routing (DyFLUX) combines with each.
 
+use crate::dynamic::lru::ByteLru;
 use crate::dynamic::masks::{LayerWidth, UnitMask};
 use crate::dynamic::router::{RouterFormat, WidthRouter};
 use crate::models::block::repeat_units;
@@ -267,42 +268,40 @@ pub enum Part {
 type Key = (usize, Part, u64);
 
 /// LRU cache of [`PartSlice`]s keyed by (layer, part, mask), under a byte budget (views cost
-/// nothing and are always kept). Mirrors `dynamic::slicing::SliceCache`, whose entries are laid
-/// out for the DiT's fused qkv; FLUX has separate q/k/v per stream and a fused `proj_out`.
+/// nothing and are always kept): the DiT's [`crate::dynamic::lru::ByteLru`] with FLUX's slice
+/// layout (separate q/k/v per stream, a fused `proj_out`).
 #[derive(Debug)]
 pub struct FluxSliceCache {
-    budget: usize,
-    used: usize,
-    tick: u64,
-    map: HashMap<Key, (Arc<PartSlice>, usize, u64)>,
-    pub hits: u64,
-    pub misses: u64,
+    lru: ByteLru<Key, Arc<PartSlice>>,
 }
 
 impl FluxSliceCache {
     /// `budget` in bytes for copied slices; 0 keeps only views (copies are cut at every use).
     pub fn new(budget: usize) -> Self {
         Self {
-            budget,
-            used: 0,
-            tick: 0,
-            map: HashMap::new(),
-            hits: 0,
-            misses: 0,
+            lru: ByteLru::new(budget),
         }
     }
 
     pub fn used_bytes(&self) -> usize {
-        self.used
+        self.lru.used_bytes()
     }
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.lru.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.lru.is_empty()
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.lru.hits
+    }
+
+    pub fn misses(&self) -> u64 {
+        self.lru.misses
     }
 
     /// The slice of (`layer`, `part`, `mask`), made by `make` on a miss.
@@ -313,33 +312,11 @@ impl FluxSliceCache {
         mask: UnitMask,
         make: impl FnOnce() -> Result<PartSlice>,
     ) -> Result<Arc<PartSlice>> {
-        let key = (layer, part, mask.bits());
-        self.tick += 1;
-        if let Some(e) = self.map.get_mut(&key) {
-            e.2 = self.tick;
-            self.hits += 1;
-            return Ok(e.0.clone());
-        }
-        self.misses += 1;
-        let s = Arc::new(make()?);
-        let size = s.bytes();
-        if size > self.budget {
-            return Ok(s);
-        }
-        while self.used + size > self.budget {
-            let oldest = self
-                .map
-                .iter()
-                .filter(|(_, v)| v.1 > 0)
-                .min_by_key(|(_, v)| v.2)
-                .map(|(k, _)| *k)
-                .expect("used > 0 implies a sized entry");
-            let (_, s, _) = self.map.remove(&oldest).expect("key just found");
-            self.used -= s;
-        }
-        self.used += size;
-        self.map.insert(key, (s.clone(), size, self.tick));
-        Ok(s)
+        self.lru.get_or_make((layer, part, mask.bits()), || {
+            let s = make()?;
+            let size = s.bytes();
+            Ok((Arc::new(s), size))
+        })
     }
 }
 
