@@ -3,7 +3,10 @@
 //! routers, leaves the backbone bit-identical, resumes exactly, and its adapter file rebuilds
 //! the fine-tuned model from the base checkpoint.
 
+mod common;
+
 use candle::{DType, Device, Tensor};
+use common::write_idx;
 use dydit::dynamic::router::RouterFormat;
 use dydit::dynamic::slicing::SliceCache;
 use dydit::models::dit::{build, Dit, DynamicSpec, Gate};
@@ -245,26 +248,6 @@ fn peft_trains_exactly_the_adapter_and_the_routers() {
             .unwrap();
         assert!(norm.is_finite() && norm > 0.0, "{n}: |grad|² = {norm}");
     }
-}
-
-fn write_idx(dir: &Path, n: usize) -> std::path::PathBuf {
-    let mut img = vec![0, 0, 8, 3];
-    img.extend((n as u32).to_be_bytes());
-    img.extend(8u32.to_be_bytes());
-    img.extend(8u32.to_be_bytes());
-    let mut lab = vec![0, 0, 8, 1];
-    lab.extend((n as u32).to_be_bytes());
-    for i in 0..n {
-        let class = (i % 3) as u8;
-        lab.push(class);
-        for p in 0..64 {
-            img.push(((p * 7 + i * 13 + class as usize * 50) % 256) as u8);
-        }
-    }
-    let ip = dir.join("train-images-idx3-ubyte");
-    std::fs::write(&ip, img).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
-    ip
 }
 
 fn train_cfg(out: &Path, data: &Path, steps: u64) -> TrainConfig {

@@ -1,7 +1,10 @@
 //! Training: gradients reach every trainable tensor and match finite differences; a resumed run
 //! is bit-identical to an uninterrupted one; importance reordering keeps the DiT function.
 
+mod common;
+
 use candle::{Device, Tensor};
+use common::write_idx;
 use dydit::diffusion::losses::q_sample;
 use dydit::diffusion::Schedule;
 use dydit::dynamic::router::RouterFormat;
@@ -265,26 +268,6 @@ fn fused_training_kernels_give_the_composite_gradients() {
             "{n}: f32 fused vs f64 composite gradient error {err:.2e}"
         );
     }
-}
-
-fn write_idx(dir: &Path, n: usize) -> std::path::PathBuf {
-    let mut img = vec![0, 0, 8, 3];
-    img.extend((n as u32).to_be_bytes());
-    img.extend(8u32.to_be_bytes());
-    img.extend(8u32.to_be_bytes());
-    let mut lab = vec![0, 0, 8, 1];
-    lab.extend((n as u32).to_be_bytes());
-    for i in 0..n {
-        let class = (i % 3) as u8;
-        lab.push(class);
-        for p in 0..64 {
-            img.push(((p * 7 + i * 13 + class as usize * 50) % 256) as u8);
-        }
-    }
-    let ip = dir.join("train-images-idx3-ubyte");
-    std::fs::write(&ip, img).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), lab).unwrap();
-    ip
 }
 
 fn config(dir: &Path, data: &Path, steps: u64) -> TrainConfig {
