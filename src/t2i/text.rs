@@ -214,7 +214,8 @@ impl ClipText {
             .count();
         let inter = shape("encoder.layers.0.mlp.fc1.weight").map_or(4 * d, |s| s[0]);
         let mut eos = None;
-        let cfg =
+        // (heads, projection width): from the config, else read off the weights.
+        let (heads, projection_dim) =
             match config {
                 Some(p) => {
                     let j: ClipJson = serde_json::from_str(&read_text("--clip-config", p)?)
@@ -243,17 +244,7 @@ impl ClipText {
                     j.num_hidden_layers
                 );
                     eos = j.eos_token_id.filter(|&e| e != 2);
-                    ClipTextConfig {
-                        vocab_size: vocab,
-                        embed_dim: d,
-                        activation: Activation::QuickGelu,
-                        intermediate_size: inter,
-                        max_position_embeddings: positions,
-                        pad_with: None,
-                        num_hidden_layers: layers,
-                        num_attention_heads: j.num_attention_heads,
-                        projection_dim: j.projection_dim.unwrap_or(d),
-                    }
+                    (j.num_attention_heads, j.projection_dim.unwrap_or(d))
                 }
                 None => {
                     anyhow::ensure!(
@@ -262,19 +253,20 @@ impl ClipText {
                      pass --clip-config config.json",
                     list(files)
                 );
-                    ClipTextConfig {
-                        vocab_size: vocab,
-                        embed_dim: d,
-                        activation: Activation::QuickGelu,
-                        intermediate_size: inter,
-                        max_position_embeddings: positions,
-                        pad_with: None,
-                        num_hidden_layers: layers,
-                        num_attention_heads: d / CLIP_HEAD_DIM,
-                        projection_dim: d,
-                    }
+                    (d / CLIP_HEAD_DIM, d)
                 }
             };
+        let cfg = ClipTextConfig {
+            vocab_size: vocab,
+            embed_dim: d,
+            activation: Activation::QuickGelu,
+            intermediate_size: inter,
+            max_position_embeddings: positions,
+            pad_with: None,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            projection_dim,
+        };
         anyhow::ensure!(
             cfg.num_attention_heads > 0 && d.is_multiple_of(cfg.num_attention_heads),
             "--clip-config: {} heads do not divide the width {d}",
