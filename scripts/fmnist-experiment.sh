@@ -182,8 +182,8 @@ $(grep -o '([0-9.]* M [a-z -]*parameters' "$R/probe-$m.out")" | tee -a "$R/eval/
 # FID10K_SHARDS `.npz` shards (each written atomically; existing ones are skipped), joined by
 # merge-npz and scored by `dydit fid` against the cached test-split statistics.
 # FID10K_MODELS: space-separated NAME=CKPT[+ADAPTER].
-FID10K_SHARDS=${FID10K_SHARDS:-4}
-FID10K_MODELS=${FID10K_MODELS:-"dit=$R/fmnist-dit/model.safetensors dydit-0.7=$R/fmnist-dydit-0.7/model.safetensors dydit-0.5=$R/fmnist-dydit-0.5/model.safetensors dydit-0.3=$R/fmnist-dydit-0.3/model.safetensors dydit-0.5-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-lora/adapter.safetensors dydit-0.5-td-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-td-lora/adapter.safetensors"}
+FID10K_SHARDS=${FID10K_SHARDS:-8}
+FID10K_MODELS=${FID10K_MODELS:-"dydit-0.5=$R/fmnist-dydit-0.5/model.safetensors dydit-0.5-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-lora/adapter.safetensors dydit-0.5-td-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-td-lora/adapter.safetensors dit=$R/fmnist-dit/model.safetensors dydit-0.7=$R/fmnist-dydit-0.7/model.safetensors dydit-0.3=$R/fmnist-dydit-0.3/model.safetensors"}
 fid10k() {
     local dir="$R/fid10k"
     mkdir -p "$dir"

@@ -26,6 +26,16 @@ fn main() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // MKL build: OpenMP threads that spin 200 ms after each GEMM (the default) take the cores
+    // our rayon kernels (softmax, GELU, norms) run on between GEMMs; and conditional numerical
+    // reproducibility keeps results bit-identical from run to run whatever the buffers'
+    // alignment (resume and sample reproducibility rely on it). Both read at MKL's first call.
+    #[cfg(feature = "mkl")]
+    for (key, value) in [("KMP_BLOCKTIME", "0"), ("MKL_CBWR", "AUTO")] {
+        if std::env::var_os(key).is_none() {
+            std::env::set_var(key, value);
+        }
+    }
     flush_denormals();
     // Die quietly on a closed pipe (`dydit flops --all | head`) like other Unix tools, instead
     // of panicking inside println!.

@@ -104,8 +104,12 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let threads = rayon::current_num_threads();
     if !a.json {
         println!(
-            "machine: {} threads, dtype {}, warm-up {}, median of {}",
-            threads, a.dtype, a.warmup, a.runs
+            "machine: {} threads, dtype {}, GEMM {}, warm-up {}, median of {}",
+            threads,
+            a.dtype,
+            crate::nn::blas::backend(),
+            a.warmup,
+            a.runs
         );
         println!(
             "{:<10} {:>5} {:>12} {:>10}",
@@ -142,7 +146,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 println!(
                     "{}",
                     serde_json::json!({"model": name, "batch": b, "dtype": a.dtype, "forward_ms": ms,
-                        "runs": a.runs, "threads": threads, "peak_rss_mib": peak})
+                        "runs": a.runs, "threads": threads, "peak_rss_mib": peak,
+                        "blas": crate::nn::blas::backend()})
                 );
             } else {
                 println!(
@@ -193,8 +198,13 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
     let threads = rayon::current_num_threads();
     if !a.json {
         println!(
-            "machine: {threads} threads, dtype {}, target ratio {}, token fraction {}, {} timesteps x median of {} rounds",
-            a.dtype, a.target_ratio, a.token_fraction, a.timesteps, a.runs
+            "machine: {threads} threads, dtype {}, GEMM {}, target ratio {}, token fraction {}, {} timesteps x median of {} rounds",
+            a.dtype,
+            crate::nn::blas::backend(),
+            a.target_ratio,
+            a.token_fraction,
+            a.timesteps,
+            a.runs
         );
         println!(
             "{:<10} {:>5} {:>11} {:>11} {:>11} {:>8} {:>10} {:>9}",
@@ -280,7 +290,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
                         "flops_ratio": ratio, "speedup": speedup, "efficiency": speedup * ratio,
                         "target_ratio": a.target_ratio, "token_fraction": a.token_fraction,
                         "router_offset": a.router_offset, "timesteps": a.timesteps, "runs": a.runs,
-                        "threads": threads, "peak_rss_mib": peak,
+                        "threads": threads, "peak_rss_mib": peak, "blas": crate::nn::blas::backend(),
                         "slice_cache_mib": dy.cache.used_bytes() as f64 / 1048576.0})
                 );
             } else {

@@ -79,9 +79,16 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
     let threads = rayon::current_num_threads();
     if !a.json {
         println!(
-            "machine: {threads} threads, dtype {}; {} images per run, {} {} steps, cfg {}; \
-             {} warm-up + median of {} interleaved rounds",
-            a.dtype, batch, a.grid_steps, a.sampler, a.cfg_scale, a.warmup, a.runs
+            "machine: {threads} threads, dtype {}, GEMM {}; {} images per run, {} {} steps, \
+             cfg {}; {} warm-up + median of {} interleaved rounds",
+            a.dtype,
+            crate::nn::blas::backend(),
+            batch,
+            a.grid_steps,
+            a.sampler,
+            a.cfg_scale,
+            a.warmup,
+            a.runs
         );
     }
     // times[m][round] in seconds; FLOPs ratios from the first timed round's masks.
@@ -129,7 +136,7 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
                     "sampler": if flows[m] { "ode-heun" } else { a.sampler.as_str() },
                     "cfg_scale": a.cfg_scale,
                     "runs": a.runs, "threads": threads, "dtype": a.dtype,
-                    "peak_rss_mib": peak_rss_mib()})
+                    "blas": crate::nn::blas::backend(), "peak_rss_mib": peak_rss_mib()})
             );
         } else {
             println!(

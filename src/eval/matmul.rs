@@ -81,6 +81,25 @@ fn imp<T: Float>(
     b: View<'_, T>,
 ) -> Result<()> {
     let threads = rayon::current_num_threads();
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: as below; T is f32 (checked), so the casts are identities.
+        unsafe {
+            crate::nn::blas::sgemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr() as *mut f32,
+                (ldc as isize, 1),
+                alpha.to_f64() as f32,
+                a.data.as_ptr() as *const f32,
+                (a.rs as isize, a.cs as isize),
+                b.data.as_ptr() as *const f32,
+                (b.rs as isize, b.cs as isize),
+                threads,
+            );
+        }
+        return Ok(());
+    }
     let par = if threads > 1 && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(threads)
     } else {

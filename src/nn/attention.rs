@@ -47,27 +47,7 @@ unsafe fn mm(
     rhs: *const f32,
     rhs_s: (isize, isize),
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_s.1,
-        dst_s.0,
-        false,
-        lhs,
-        lhs_s.1,
-        lhs_s.0,
-        rhs,
-        rhs_s.1,
-        rhs_s.0,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    super::blas::sgemm(m, n, k, dst, dst_s, 0.0, lhs, lhs_s, rhs, rhs_s, 1)
 }
 
 struct Attention {

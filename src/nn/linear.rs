@@ -53,7 +53,14 @@ impl Linear {
                 None => x2.apply_op2_no_bwd(&self.weight, &FusedLinear)?,
             }
         } else {
-            let y = x2.matmul(&self.weight.t()?)?;
+            // candle's MKL matmul takes only whole (or whole transposed) matrices: a column-sliced
+            // weight view (TDW on the composite path, e.g. bf16) is copied first.
+            let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
+                self.weight.contiguous()?
+            } else {
+                self.weight.clone()
+            };
+            let y = x2.matmul(&w.t()?)?;
             match &self.bias {
                 Some(b) => super::kernels::add_bias(y, b)?,
                 None => y,
@@ -102,8 +109,43 @@ impl Linear {
 
 /// Whether the fused CPU op applies: f32 CPU tensors, no autograd, contiguous weight and bias.
 fn fused_ok(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
-    let params_ok = w.is_contiguous() && b.is_none_or(|b| b.is_contiguous());
+    let params_ok = unit_rows(w.layout()) && b.is_none_or(|b| b.is_contiguous());
     params_ok && super::kernels::fast_ok(&[x, w]) && b.is_none_or(|b| super::kernels::fast_ok(&[b]))
+}
+
+/// Whether a 2-D layout has unit column stride and rows that do not overlap: a contiguous weight
+/// or a column slice of one (the sliced input columns of a TDW layer), both of which the GEMM
+/// reads in place.
+fn unit_rows(l: &Layout) -> bool {
+    match (l.dims(), l.stride()) {
+        ([rows, cols], [rs, cs]) => (*cs == 1 || *cols <= 1) && (*rows <= 1 || rs >= cols),
+        _ => false,
+    }
+}
+
+/// The elements a [`unit_rows`] layout spans, from its first one, and its row stride.
+fn rows_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(v) = s else {
+        candle::bail!("{what}: f32 only")
+    };
+    if !unit_rows(l) {
+        candle::bail!(
+            "{what}: rows with unit stride expected, got strides {:?}",
+            l.stride()
+        );
+    }
+    let (rows, cols) = l.shape().dims2()?;
+    let rs = if rows <= 1 { cols } else { l.stride()[0] };
+    let len = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + cols
+    };
+    let start = l.start_offset();
+    match v.get(start..start + len) {
+        Some(w) => Ok((w, rs)),
+        None => candle::bail!("{what}: view past the end of its storage"),
+    }
 }
 
 /// Whether `x · wᵀ` should run as [`FrozenWeight`]: `x` carries a gradient, `w` is a constant
@@ -193,26 +235,18 @@ impl CustomOp3 for FrozenLora {
             // SAFETY: y is the initialised m×n row-major output; u is m×r row-major, B is n×r
             // row-major read as its transpose; read_dst with alpha 1 accumulates into y.
             unsafe {
-                gemm::gemm(
+                super::blas::sgemm(
                     m,
                     n,
                     r,
                     y.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    true,
+                    (n as isize, 1),
+                    1.0,
                     us.as_ptr(),
-                    1,
-                    r as isize,
+                    (r as isize, 1),
                     bs.as_ptr(),
-                    r as isize,
+                    (1, r as isize),
                     1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         }
@@ -251,7 +285,7 @@ impl FusedLinear {
             candle::bail!("linear: input width {k} but weight is [{n}, {k2}]");
         }
         let xs = f32_slice(x.0, x.1, "linear input")?;
-        let ws = f32_slice(w.0, w.1, "linear weight")?;
+        let (ws, w_rs) = rows_f32(w.0, w.1, "linear weight")?;
         let bias = match b {
             Some((bs, bl)) => {
                 let bias = f32_slice(bs, bl, "linear bias")?;
@@ -264,37 +298,23 @@ impl FusedLinear {
         };
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
         if m > 0 && n > 0 {
-            let threads = rayon::current_num_threads();
-            let par = if threads > 1 && m * n * k >= 1 << 15 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: y has capacity m·n (row-major m×n); told not to read it, gemm writes every
+            // SAFETY: y has capacity m·n (row-major m×n); with dst_scale 0 the GEMM writes every
             // element without reading any, so the buffer is fully initialised afterwards (set_len
-            // below). x is m×k row-major, w is n×k row-major read as its transpose (element
-            // (kk, j) at j·k + kk); all lengths checked above.
+            // below). x is m×k row-major, w is n×k with row stride w_rs read as its transpose
+            // (element (kk, j) at j·w_rs + kk); all lengths checked above.
             unsafe {
-                gemm::gemm(
+                super::blas::sgemm(
                     m,
                     n,
                     k,
                     y.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
+                    (n as isize, 1),
+                    0.0,
                     xs.as_ptr(),
-                    1,
-                    k as isize,
+                    (k as isize, 1),
                     ws.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
+                    (1, w_rs as isize),
+                    rayon::current_num_threads(),
                 );
                 y.set_len(m * n);
             }
@@ -344,6 +364,44 @@ impl CustomOp3 for FusedLinear {
 mod tests {
     use super::*;
     use candle::Device;
+
+    #[test]
+    /// TDW slices a layer's input columns (the active heads / groups of the previous layer):
+    /// the fused GEMM reads such a view in place, rows strided, and must match the copy.
+    fn fused_reads_column_sliced_weights_in_place() {
+        let dev = Device::Cpu;
+        let full = Tensor::randn(0f32, 1.0, (48, 64), &dev).unwrap();
+        for (start, len) in [(0, 40), (16, 32), (63, 1)] {
+            let w = full.narrow(1, start, len).unwrap();
+            assert!(!w.is_contiguous() || len == 64);
+            let x = Tensor::randn(0f32, 1.0, (9, len), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
+            assert!(fused_ok(&x, &w, Some(&b)));
+            let got = Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+            let want = x
+                .matmul(&w.contiguous().unwrap().t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let err = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-4, "columns {start}..{}: {err}", start + len);
+        }
+        // Overlapping rows (a broadcast) are not a weight layout the GEMM may read.
+        let bcast = Tensor::ones((1, 8), candle::DType::F32, &dev)
+            .unwrap()
+            .broadcast_as((4, 8))
+            .unwrap();
+        assert!(!unit_rows(bcast.layout()));
+    }
 
     #[test]
     fn fused_matches_matmul_plus_bias() {

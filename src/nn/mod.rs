@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod autodiff;
+pub mod blas;
 pub mod embed;
 pub mod kernels;
 pub mod linear;

@@ -1,0 +1,239 @@
+//! The one f32 GEMM behind the hand-written CPU kernels (fused linear, attention, the FID
+//! network), so the build picks the BLAS in one place.
+//!
+//! - Default build: the `gemm` crate (candle's own CPU GEMM; its AVX-512 kernels are chosen at
+//!   run time, so the binary stays portable).
+//! - `--features mkl`: Intel MKL's `cblas_sgemm`, the library candle's own `mkl` feature links
+//!   for `Tensor::matmul`. On this project's machine it ran the model's shapes 2.3× faster than
+//!   the `gemm` crate (README, "Speed"). Operands MKL cannot express (neither unit row nor unit
+//!   column stride) still go to the `gemm` crate.
+
+/// `dst ← dst_scale·dst + lhs·rhs` for an `m×n` destination, `lhs` `m×k`, `rhs` `k×n`; strides
+/// in elements as `(row, col)`. `dst_scale == 0` means `dst` is written without being read (it
+/// may be uninitialised). `threads` is the parallelism this call may use (1 inside callers that
+/// already parallelise, e.g. over attention heads).
+///
+/// # Safety
+/// Every element the sizes and strides imply must be addressable; `dst` must not overlap the
+/// operands.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_s: (isize, isize),
+    dst_scale: f32,
+    lhs: *const f32,
+    lhs_s: (isize, isize),
+    rhs: *const f32,
+    rhs_s: (isize, isize),
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(feature = "mkl")]
+    if k > 0
+        && mkl::sgemm(
+            m, n, k, dst, dst_s, dst_scale, lhs, lhs_s, rhs, rhs_s, threads,
+        )
+    {
+        return;
+    }
+    let par = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_s.1,
+        dst_s.0,
+        dst_scale != 0.0,
+        lhs,
+        lhs_s.1,
+        lhs_s.0,
+        rhs,
+        rhs_s.1,
+        rhs_s.0,
+        dst_scale,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// Which BLAS [`sgemm`] uses, for benchmark and `inspect` output.
+pub fn backend() -> &'static str {
+    if cfg!(feature = "mkl") {
+        "Intel MKL (cblas_sgemm)"
+    } else {
+        "gemm crate (AVX-512 kernels when the CPU has them)"
+    }
+}
+
+#[cfg(feature = "mkl")]
+mod mkl {
+    use std::os::raw::c_int;
+
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_sgemm(
+            layout: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        fn MKL_Set_Num_Threads_Local(n: c_int) -> c_int;
+    }
+
+    /// How a `rows × cols` strided operand reads as a row-major BLAS matrix: `(transposed, ld)`.
+    fn layout(s: (isize, isize), rows: usize, cols: usize) -> Option<(bool, c_int)> {
+        let (rs, cs) = s;
+        let fits = |v: usize| c_int::try_from(v).ok();
+        if (cs == 1 || cols == 1) && (rows == 1 || rs >= cols.max(1) as isize) {
+            let ld = if rows == 1 { cols.max(1) } else { rs as usize };
+            return Some((false, fits(ld)?));
+        }
+        if (rs == 1 || rows == 1) && (cols == 1 || cs >= rows.max(1) as isize) {
+            let ld = if cols == 1 { rows.max(1) } else { cs as usize };
+            return Some((true, fits(ld)?));
+        }
+        None
+    }
+
+    /// Returns false (and does nothing) when an operand has no BLAS layout.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn sgemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_s: (isize, isize),
+        dst_scale: f32,
+        lhs: *const f32,
+        lhs_s: (isize, isize),
+        rhs: *const f32,
+        rhs_s: (isize, isize),
+        threads: usize,
+    ) -> bool {
+        let (Some((false, ldc)), Some((ta, lda)), Some((tb, ldb))) = (
+            layout(dst_s, m, n),
+            layout(lhs_s, m, k),
+            layout(rhs_s, k, n),
+        ) else {
+            return false;
+        };
+        let (Ok(mi), Ok(ni), Ok(ki)) = (c_int::try_from(m), c_int::try_from(n), c_int::try_from(k))
+        else {
+            return false;
+        };
+        // Small products are not worth waking MKL's thread team.
+        let threads = if m * n * k < 1 << 15 {
+            1
+        } else {
+            threads.max(1)
+        };
+        let before = MKL_Set_Num_Threads_Local(threads as c_int);
+        cblas_sgemm(
+            ROW_MAJOR,
+            if ta { TRANS } else { NO_TRANS },
+            if tb { TRANS } else { NO_TRANS },
+            mi,
+            ni,
+            ki,
+            1.0,
+            lhs,
+            lda,
+            rhs,
+            ldb,
+            dst_scale,
+            dst,
+            ldc,
+        );
+        MKL_Set_Num_Threads_Local(before);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stride pattern the callers use (row-major, transposed, strided rows, accumulate),
+    /// against a naive product, whichever BLAS the build selected.
+    #[test]
+    fn sgemm_matches_naive_on_strided_views() {
+        let (m, n, k) = (37, 29, 23);
+        let a: Vec<f32> = (0..m * k * 2)
+            .map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.5)
+            .collect();
+        let b: Vec<f32> = (0..k * n * 2)
+            .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+            .collect();
+        // (lhs strides, rhs strides) in elements.
+        let cases: [((isize, isize), (isize, isize)); 4] = [
+            ((k as isize, 1), (n as isize, 1)),
+            ((1, m as isize), (1, k as isize)),
+            ((2 * k as isize, 1), (1, 2 * k as isize)),
+            ((2, 2 * m as isize), (2 * n as isize, 2)),
+        ];
+        for (case, &(ls, rs)) in cases.iter().enumerate() {
+            for dst_scale in [0.0f32, 1.0, 0.5] {
+                let at = |i: usize, j: usize| a[i * ls.0 as usize + j * ls.1 as usize];
+                let bt = |i: usize, j: usize| b[i * rs.0 as usize + j * rs.1 as usize];
+                let init: Vec<f32> = (0..m * (n + 3)).map(|i| (i % 5) as f32).collect();
+                let mut c = init.clone();
+                unsafe {
+                    sgemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        (n as isize + 3, 1),
+                        dst_scale,
+                        a.as_ptr(),
+                        ls,
+                        b.as_ptr(),
+                        rs,
+                        2,
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f32 = (0..k).map(|l| at(i, l) * bt(l, j)).sum::<f32>()
+                            + dst_scale * init[i * (n + 3) + j];
+                        let got = c[i * (n + 3) + j];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "case {case} scale {dst_scale} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                    for j in n..n + 3 {
+                        assert_eq!(c[i * (n + 3) + j], init[i * (n + 3) + j], "padding written");
+                    }
+                }
+            }
+        }
+    }
+}
