@@ -26,11 +26,15 @@ fn files_of(kinds: &[&str]) -> Vec<PathBuf> {
 }
 
 fn check(kinds: &[&str]) {
+    check_in(kinds, candle::DType::F32)
+}
+
+fn check_in(kinds: &[&str], dtype: candle::DType) {
     let files = files_of(kinds);
     assert!(!files.is_empty(), "no golden files of kinds {kinds:?}");
     let mut failed = Vec::new();
     for f in &files {
-        let o = dydit::golden::run_file(f);
+        let o = dydit::golden::run_file_in(f, dtype);
         let worst = o
             .worst()
             .map(|c| format!("{} err={:.2e} tol={:?}", c.name, c.err, c.tol));
@@ -101,6 +105,18 @@ fn vae_decode() {
 #[test]
 fn dydit_flops_loss() {
     check(&["dydit_flops_loss"]);
+}
+
+/// bf16 (autocast-style: bf16 GEMM weights, f32 activations, norms, softmax, embeddings and
+/// routers) against the f32 files at 1e-2, masks still exact; every kind that has a bf16 mode.
+#[test]
+fn reduced_precision_forwards() {
+    check_in(dydit::golden::REDUCED_KINDS, candle::DType::BF16);
+    check_in(dydit::golden::REDUCED_KINDS, candle::DType::F16);
+    // Kinds without one say so instead of comparing at the wrong tolerance.
+    let f = &files_of(&["ddpm_sample"])[0];
+    let o = dydit::golden::run_file_in(f, candle::DType::BF16);
+    assert!(!o.passed() && !o.supported, "{:?}", o.error);
 }
 
 #[test]

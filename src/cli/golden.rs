@@ -1,6 +1,6 @@
 //! `dydit golden FILE...`: one PASS/FAIL line per file; exit 0 only if every file passes.
 
-use crate::golden::{run_file, supported_kinds};
+use crate::golden::{run_file_in, supported_kinds};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -17,12 +17,16 @@ pub struct Args {
     /// One JSON object per file.
     #[arg(long)]
     json: bool,
+    /// Run the model forwards in this dtype against the f32 expectations (bf16/f16: at a 1e-2
+    /// max-normalised tolerance; kinds other than the forwards are then skipped or failed).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    dtype: String,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let mut ok = true;
     for f in &a.files {
-        let o = run_file(f);
+        let o = run_file_in(f, super::common::dtype(&a.dtype));
         if a.json {
             println!("{}", serde_json::to_string(&o)?);
         }

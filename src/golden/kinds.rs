@@ -58,7 +58,7 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
 
 pub(super) fn model(g: &GoldenFile) -> anyhow::Result<Dit> {
     let cfg = DitConfig::from_golden_json(&g.config["model"])?;
-    build(&cfg, &g.model_tensors(), DType::F32, &Device::Cpu)
+    build(&cfg, &g.model_tensors(), g.dtype, &Device::Cpu)
 }
 
 pub(super) fn labels(t: &Tensor) -> anyhow::Result<Vec<u32>> {

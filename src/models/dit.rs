@@ -39,6 +39,8 @@ pub struct Dit {
     pub final_ada: Linear,
     pub final_linear: Linear,
     pub device: Device,
+    /// Activation dtype: f32 (f64 in the gradient tests). A reduced-precision model (`build`
+    /// with bf16/f16) keeps only its block GEMM weights in that dtype.
     pub dtype: DType,
 }
 
@@ -555,11 +557,26 @@ pub fn build_with_layout(
     cfg.validate()?;
     let dynamic = super::weights::detect_dynamic(cfg, tensors)?;
     super::weights::check_keys(cfg, dynamic, tensors)?;
+    // Reduced precision works like autocast: the big GEMM weights of the blocks (qkv, proj,
+    // fc1, fc2) are stored in `dtype` and multiply in it, everything else — the residual stream,
+    // norms, softmax, timestep and label embeddings, routers, LoRA factors — stays f32.
+    let act = match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    };
     let get =
-        |k: &str| -> anyhow::Result<Tensor> { Ok(tensors[k].to_device(device)?.to_dtype(dtype)?) };
+        |k: &str| -> anyhow::Result<Tensor> { Ok(tensors[k].to_device(device)?.to_dtype(act)?) };
     let lin = |p: &str| -> anyhow::Result<Linear> {
         Ok(Linear::new(
             get(&format!("{p}.weight"))?,
+            Some(get(&format!("{p}.bias"))?),
+        ))
+    };
+    let gemm = |p: &str| -> anyhow::Result<Linear> {
+        Ok(Linear::new(
+            tensors[&format!("{p}.weight")]
+                .to_device(device)?
+                .to_dtype(dtype)?,
             Some(get(&format!("{p}.bias"))?),
         ))
     };
@@ -589,7 +606,7 @@ pub fn build_with_layout(
                 ada: lin(&format!("{p}.adaLN_modulation.1"))?,
                 qkv: {
                     // Stored head-major (see `qkv_head_major`): TDW slices become views.
-                    let l = lin(&format!("{p}.attn.qkv"))?;
+                    let l = gemm(&format!("{p}.attn.qkv"))?;
                     let hm = |t: &Tensor| -> candle::Result<Tensor> {
                         if qkv_head_major {
                             Ok(t.clone())
@@ -599,9 +616,9 @@ pub fn build_with_layout(
                     };
                     Linear::new(hm(&l.weight)?, l.bias.as_ref().map(hm).transpose()?)
                 },
-                proj: lin(&format!("{p}.attn.proj"))?,
-                fc1: lin(&format!("{p}.mlp.fc1"))?,
-                fc2: lin(&format!("{p}.mlp.fc2"))?,
+                proj: gemm(&format!("{p}.attn.proj"))?,
+                fc1: gemm(&format!("{p}.mlp.fc1"))?,
+                fc2: gemm(&format!("{p}.mlp.fc2"))?,
                 num_heads: cfg.num_heads,
                 routers,
                 lora: match &cfg.lora {
@@ -632,6 +649,6 @@ pub fn build_with_layout(
         final_ada: lin("final_layer.adaLN_modulation.1")?,
         final_linear: lin("final_layer.linear")?,
         device: device.clone(),
-        dtype,
+        dtype: act,
     })
 }

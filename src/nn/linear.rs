@@ -37,7 +37,23 @@ impl Linear {
         } else {
             x.reshape((m, k))?
         };
-        let y = if frozen_ok(&x2, &self.weight) {
+        let y = if self.weight.dtype() != x2.dtype() {
+            // Reduced-precision weights in an f32 activation stream (autocast): the product runs
+            // in the weights' dtype and returns to the input's; the bias stays in full precision.
+            let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
+                self.weight.contiguous()?
+            } else {
+                self.weight.clone()
+            };
+            let y = x2
+                .to_dtype(w.dtype())?
+                .matmul(&w.t()?)?
+                .to_dtype(x2.dtype())?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                None => y,
+            }
+        } else if frozen_ok(&x2, &self.weight) {
             // Training through a frozen weight (parameter-efficient fine-tuning): candle's
             // matmul backward would also compute the weight's gradient, a third of the layer's
             // backward work, for nothing. This op returns the input's gradient only.
