@@ -69,6 +69,29 @@ pub unsafe fn sgemm(
     )
 }
 
+/// `y (m×n) = x (m×k) · wᵀ` with `x` and `w` (`n×k`, row stride `w_rs`) in bf16 (`f16 ==
+/// false`) or f16, accumulated and written in f32: MKL's `cblas_gemm_bf16bf16f32` /
+/// `cblas_gemm_f16f16f32`, which use AMX or AVX512-BF16/FP16 where the CPU has them. Operands
+/// are the raw 16-bit patterns.
+///
+/// # Safety
+/// `x` must hold m·k values, `w` (n−1)·w_rs + k, `y` room for m·n.
+#[cfg(feature = "mkl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn half_gemm_xwt(
+    f16: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: *const u16,
+    w: *const u16,
+    w_rs: usize,
+    y: *mut f32,
+    threads: usize,
+) {
+    mkl::half_gemm_xwt(f16, m, n, k, x, w, w_rs, y, threads)
+}
+
 /// Which BLAS [`sgemm`] uses, for benchmark and `inspect` output.
 pub fn backend() -> &'static str {
     if cfg!(feature = "mkl") {
@@ -105,6 +128,81 @@ mod mkl {
             ldc: c_int,
         );
         fn MKL_Set_Num_Threads_Local(n: c_int) -> c_int;
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_gemm_bf16bf16f32(
+            layout: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const u16,
+            lda: c_int,
+            b: *const u16,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        #[allow(clippy::too_many_arguments)]
+        fn cblas_gemm_f16f16f32(
+            layout: c_int,
+            trans_a: c_int,
+            trans_b: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const u16,
+            lda: c_int,
+            b: *const u16,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn half_gemm_xwt(
+        f16: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: *const u16,
+        w: *const u16,
+        w_rs: usize,
+        y: *mut f32,
+        threads: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let int = |v: usize| c_int::try_from(v).expect("GEMM size fits MKL_INT");
+        let before = MKL_Set_Num_Threads_Local(threads.max(1) as c_int);
+        let gemm = if f16 {
+            cblas_gemm_f16f16f32
+        } else {
+            cblas_gemm_bf16bf16f32
+        };
+        gemm(
+            ROW_MAJOR,
+            NO_TRANS,
+            TRANS,
+            int(m),
+            int(n),
+            int(k),
+            1.0,
+            x,
+            int(k.max(1)),
+            w,
+            int(w_rs.max(k).max(1)),
+            0.0,
+            y,
+            int(n),
+        );
+        MKL_Set_Num_Threads_Local(before);
     }
 
     /// How a `rows × cols` strided operand reads as a row-major BLAS matrix: `(transposed, ld)`.

@@ -37,7 +37,15 @@ impl Linear {
         } else {
             x.reshape((m, k))?
         };
-        let y = if self.weight.dtype() != x2.dtype() {
+        let y = if half_ok(&x2, &self.weight) {
+            let y = x2
+                .contiguous()?
+                .apply_op2_no_bwd(&self.weight, &HalfLinear)?;
+            match &self.bias {
+                Some(b) => super::kernels::add_bias(y, b)?,
+                None => y,
+            }
+        } else if self.weight.dtype() != x2.dtype() {
             // Reduced-precision weights in an f32 activation stream (autocast): the product runs
             // in the weights' dtype and returns to the input's; the bias stays in full precision.
             let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
@@ -161,6 +169,104 @@ fn rows_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32],
     match v.get(start..start + len) {
         Some(w) => Ok((w, rs)),
         None => candle::bail!("{what}: view past the end of its storage"),
+    }
+}
+
+/// Whether `x · wᵀ` runs as [`HalfLinear`]: MKL build, f32 input without autograd, a bf16/f16
+/// weight the GEMM can read in place.
+fn half_ok(x: &Tensor, w: &Tensor) -> bool {
+    cfg!(feature = "mkl")
+        && super::kernels::fast_ok(&[x])
+        && w.device().is_cpu()
+        && matches!(w.dtype(), candle::DType::BF16 | candle::DType::F16)
+        && unit_rows(w.layout())
+}
+
+/// `x [M, K] (f32) · wᵀ (w [N, K] in bf16/f16)` → f32: the input is rounded to the weight's
+/// dtype and the product accumulates in f32 (MKL's mixed-precision GEMM; AMX where present).
+struct HalfLinear;
+
+impl CustomOp2 for HalfLinear {
+    fn name(&self) -> &'static str {
+        "dydit-linear-half"
+    }
+    #[cfg(not(feature = "mkl"))]
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle::bail!("half-precision linear: MKL build only")
+    }
+    #[cfg(feature = "mkl")]
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use super::kernels::f32_slice;
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        if k != k2 {
+            candle::bail!("linear: input width {k} but weight is [{n}, {k2}]");
+        }
+        if !unit_rows(lw) {
+            candle::bail!("half-precision linear: weight rows must be unit-stride");
+        }
+        let xs = f32_slice(sx, lx, "linear input")?;
+        let rs = if n <= 1 { k } else { lw.stride()[0] };
+        let span = if n == 0 || k == 0 {
+            0
+        } else {
+            (n - 1) * rs + k
+        };
+        let start = lw.start_offset();
+        let (f16, xh, wp): (bool, Vec<u16>, *const u16) = match sw {
+            CpuStorage::BF16(w) => {
+                let w = w
+                    .get(start..start + span)
+                    .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
+                let xh = xs
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                (false, xh, w.as_ptr() as *const u16)
+            }
+            CpuStorage::F16(w) => {
+                let w = w
+                    .get(start..start + span)
+                    .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
+                let xh = xs
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect();
+                (true, xh, w.as_ptr() as *const u16)
+            }
+            _ => candle::bail!("half-precision linear: bf16/f16 weight expected"),
+        };
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: xh holds m·k values, the weight view (n−1)·rs + k (checked above), y has
+        // capacity m·n and beta 0 writes all of it without reading; bf16/f16 are 16-bit
+        // patterns, the representation MKL_BF16 / MKL_F16 take.
+        unsafe {
+            super::blas::half_gemm_xwt(
+                f16,
+                m,
+                n,
+                k,
+                xh.as_ptr(),
+                wp,
+                rs,
+                y.as_mut_ptr(),
+                rayon::current_num_threads(),
+            );
+            y.set_len(m * n);
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
 
@@ -380,6 +486,38 @@ impl CustomOp3 for FusedLinear {
 mod tests {
     use super::*;
     use candle::Device;
+
+    /// bf16/f16 weights under an f32 input (the `--dtype bf16` models): the product of the
+    /// rounded operands, f32 out, whether MKL's mixed GEMM or the composite path runs it; also on
+    /// a column-sliced weight view.
+    #[test]
+    fn half_weights_give_the_rounded_product_in_f32() {
+        let dev = Device::Cpu;
+        let full = Tensor::randn(0f32, 1.0, (24, 40), &dev).unwrap();
+        for dt in [candle::DType::BF16, candle::DType::F16] {
+            let wh = full.to_dtype(dt).unwrap();
+            for w in [wh.clone(), wh.narrow(1, 8, 24).unwrap()] {
+                let k = w.dim(1).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (13, k), &dev).unwrap();
+                let b = Tensor::randn(0f32, 1.0, 24, &dev).unwrap();
+                let y = Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
+                assert_eq!(y.dtype(), candle::DType::F32);
+                let xr = x
+                    .to_dtype(dt)
+                    .unwrap()
+                    .to_dtype(candle::DType::F32)
+                    .unwrap();
+                let wr = w.to_dtype(candle::DType::F32).unwrap();
+                let want = xr
+                    .matmul(&wr.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b)
+                    .unwrap();
+                let err = crate::nn::ops::max_rel_err(&y, &want).unwrap();
+                assert!(err < 1e-2, "{dt:?} k {k}: {err}");
+            }
+        }
+    }
 
     #[test]
     /// TDW slices a layer's input columns (the active heads / groups of the previous layer):
