@@ -45,9 +45,11 @@ impl Linear {
                 Some(b) => super::kernels::add_bias(y, b)?,
                 None => y,
             }
-        } else if self.weight.dtype() != x2.dtype() {
-            // Reduced-precision weights in an f32 activation stream (autocast): the product runs
-            // in the weights' dtype and returns to the input's; the bias stays in full precision.
+        } else {
+            // candle's MKL matmul takes only whole (or whole transposed) matrices: a column-sliced
+            // weight view (TDW on this composite path) is copied first. Reduced-precision weights
+            // in an f32 activation stream (autocast) multiply in the weights' dtype; the result
+            // returns to the input's, where the bias stays in full precision.
             let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
                 self.weight.contiguous()?
             } else {
@@ -57,34 +59,6 @@ impl Linear {
                 .to_dtype(w.dtype())?
                 .matmul(&w.t()?)?
                 .to_dtype(x2.dtype())?;
-            match &self.bias {
-                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-                None => y,
-            }
-        } else if frozen_ok(&x2, &self.weight) {
-            // Training through a frozen weight (parameter-efficient fine-tuning): candle's
-            // matmul backward would also compute the weight's gradient, a third of the layer's
-            // backward work, for nothing. This op returns the input's gradient only.
-            let y = x2.contiguous()?.apply_op2(&self.weight, FrozenWeight)?;
-            match &self.bias {
-                Some(b) => super::kernels::add_bias(y, b)?,
-                None => y,
-            }
-        } else if fused_ok(&x2, &self.weight, self.bias.as_ref()) {
-            let x2 = x2.contiguous()?;
-            match &self.bias {
-                Some(b) => x2.apply_op3_no_bwd(&self.weight, b, &FusedLinear)?,
-                None => x2.apply_op2_no_bwd(&self.weight, &FusedLinear)?,
-            }
-        } else {
-            // candle's MKL matmul takes only whole (or whole transposed) matrices: a column-sliced
-            // weight view (TDW on the composite path, e.g. bf16) is copied first.
-            let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
-                self.weight.contiguous()?
-            } else {
-                self.weight.clone()
-            };
-            let y = x2.matmul(&w.t()?)?;
             match &self.bias {
                 Some(b) => super::kernels::add_bias(y, b)?,
                 None => y,
@@ -224,28 +198,31 @@ impl CustomOp2 for HalfLinear {
         } else {
             (n - 1) * rs + k
         };
-        let start = lw.start_offset();
-        let (f16, xh, wp): (bool, Vec<u16>, *const u16) = match sw {
-            CpuStorage::BF16(w) => {
-                let w = w
-                    .get(start..start + span)
-                    .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
-                let xh = xs
-                    .iter()
-                    .map(|&v| half::bf16::from_f32(v).to_bits())
-                    .collect();
-                (false, xh, w.as_ptr() as *const u16)
-            }
-            CpuStorage::F16(w) => {
-                let w = w
-                    .get(start..start + span)
-                    .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
-                let xh = xs
-                    .iter()
-                    .map(|&v| half::f16::from_f32(v).to_bits())
-                    .collect();
-                (true, xh, w.as_ptr() as *const u16)
-            }
+        // The weight view and the input rounded to the weight's 16-bit format.
+        fn operands<T>(
+            w: &[T],
+            span: (usize, usize),
+            xs: &[f32],
+            round: impl Fn(f32) -> u16,
+        ) -> Result<(Vec<u16>, *const u16)> {
+            let w = w
+                .get(span.0..span.0 + span.1)
+                .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
+            Ok((
+                xs.iter().map(|&v| round(v)).collect(),
+                w.as_ptr() as *const u16,
+            ))
+        }
+        let at = (lw.start_offset(), span);
+        let (f16, (xh, wp)) = match sw {
+            CpuStorage::BF16(w) => (
+                false,
+                operands(w, at, xs, |v| half::bf16::from_f32(v).to_bits())?,
+            ),
+            CpuStorage::F16(w) => (
+                true,
+                operands(w, at, xs, |v| half::f16::from_f32(v).to_bits())?,
+            ),
             _ => candle::bail!("half-precision linear: bf16/f16 weight expected"),
         };
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
