@@ -45,6 +45,21 @@ impl Linear {
                 Some(b) => super::kernels::add_bias(y, b)?,
                 None => y,
             }
+        } else if frozen_ok(&x2, &self.weight) {
+            // Training through a frozen weight (parameter-efficient fine-tuning): candle's
+            // matmul backward would also compute the weight's gradient, a third of the layer's
+            // backward work, for nothing. This op returns the input's gradient only.
+            let y = x2.contiguous()?.apply_op2(&self.weight, FrozenWeight)?;
+            match &self.bias {
+                Some(b) => super::kernels::add_bias(y, b)?,
+                None => y,
+            }
+        } else if fused_ok(&x2, &self.weight, self.bias.as_ref()) {
+            let x2 = x2.contiguous()?;
+            match &self.bias {
+                Some(b) => x2.apply_op3_no_bwd(&self.weight, b, &FusedLinear)?,
+                None => x2.apply_op2_no_bwd(&self.weight, &FusedLinear)?,
+            }
         } else {
             // candle's MKL matmul takes only whole (or whole transposed) matrices: a column-sliced
             // weight view (TDW on this composite path) is copied first. Reduced-precision weights
