@@ -181,7 +181,8 @@ $(grep -o '([0-9.]* M [a-z -]*parameters' "$R/probe-$m.out")" | tee -a "$R/eval/
 # DDPM-50, cfg 1.5, seed 0, balanced classes, noise seeded by the global sample index) as
 # FID10K_SHARDS `.npz` shards (each written atomically; existing ones are skipped), joined by
 # merge-npz and scored by `dydit fid` against the cached test-split statistics.
-# FID10K_MODELS: space-separated NAME=CKPT[+ADAPTER].
+# FID10K_MODELS: space-separated NAME=CKPT[+ADAPTER]. FID_DYDIT: the binary for the Inception
+# pass (the MKL build's is faster there).
 FID10K_SHARDS=${FID10K_SHARDS:-8}
 FID10K_MODELS=${FID10K_MODELS:-"dydit-0.5=$R/fmnist-dydit-0.5/model.safetensors dydit-0.5-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-lora/adapter.safetensors dydit-0.5-td-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-td-lora/adapter.safetensors dit=$R/fmnist-dit/model.safetensors dydit-0.7=$R/fmnist-dydit-0.7/model.safetensors dydit-0.3=$R/fmnist-dydit-0.3/model.safetensors"}
 fid10k() {
@@ -202,7 +203,7 @@ fid10k() {
                 --cfg-scale 1.5 --seed 0 --batch-size 40
         done
         "$D" merge-npz "${parts[@]}" --out "$dir/$name.npz" --expect 10000
-        "$D" fid --real weights/fid_stats_fashion_test.safetensors --fake "$dir/$name.npz" \
+        "${FID_DYDIT:-$D}" fid --real weights/fid_stats_fashion_test.safetensors --fake "$dir/$name.npz" \
             --json > "$dir/$name.json.tmp" && mv "$dir/$name.json.tmp" "$dir/$name.json"
         cat "$dir/$name.json"
     done

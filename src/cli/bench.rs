@@ -30,6 +30,13 @@ pub struct Args {
     /// Time training iterations (forward+loss, backward, AdamW+EMA) of DiT and DyDiT.
     #[arg(long)]
     pub train: bool,
+    /// Time each fused CPU kernel (GELU-tanh, LayerNorm+modulate, attention at 256–4096
+    /// tokens, the SDT token MLP) against the composite ops it replaces, at --model's shapes.
+    #[arg(long)]
+    pub kernels: bool,
+    /// With --kernels: only these (comma separated: gelu, ln, attention, token-mlp).
+    #[arg(long)]
+    pub only: Option<String>,
     /// Time static vs dynamic (DyDiT) sampling steps side by side, interleaved.
     #[arg(long)]
     pub dynamic: bool,
@@ -89,6 +96,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     if let Some(c) = a.ckpt.clone() {
         return super::bench_sample::run(a, &c);
+    }
+    if a.kernels {
+        return super::bench_kernels::run(a);
     }
     if a.dynamic {
         return run_dynamic(a);

@@ -1,6 +1,7 @@
 //! The `dydit` command line.
 
 mod bench;
+mod bench_kernels;
 mod bench_sample;
 mod bench_train;
 mod classes;

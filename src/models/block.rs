@@ -6,7 +6,7 @@
 
 use crate::dynamic::router::BlockRouters;
 use crate::dynamic::slicing::{AttnWeights, MlpWeights};
-use crate::nn::{attention, autodiff, kernels, ops, Linear};
+use crate::nn::{attention, autodiff, kernels, ops, token_mlp, Linear};
 use crate::peft::{lora::BlockLora, LoraTarget};
 use candle::{Result, Tensor, D};
 
@@ -168,7 +168,31 @@ impl DitBlock {
                 if idx.is_empty() {
                     return Ok((x, Some(idx)));
                 }
-                // One ragged matrix for the whole batch: gather, MLP, scatter-add.
+                // One ragged matrix for the whole batch: gather, MLP, scatter-add — one fused
+                // kernel on the CPU in f32, the composite ops elsewhere.
+                let fused = if mlp.groups == 0 {
+                    None
+                } else {
+                    token_mlp::fused_token_mlp(
+                        &x,
+                        &idx,
+                        &token_mlp::TokenMlpModulation {
+                            shift: &m.shift_mlp,
+                            scale: &m.scale_mlp,
+                            gate: &m.gate_mlp,
+                        },
+                        &token_mlp::TokenMlpWeights {
+                            fc1_w: &mlp.fc1.weight,
+                            fc1_b: mlp.fc1.bias.as_ref(),
+                            fc2_w: &mlp.fc2_w,
+                            fc2_b: mlp.fc2_b.as_ref(),
+                        },
+                        LN_EPS,
+                    )?
+                };
+                if let Some(x) = fused {
+                    return Ok((x, Some(idx)));
+                }
                 let u = kernels::gather_layer_norm_modulate(
                     &x,
                     &idx,

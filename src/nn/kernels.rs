@@ -78,6 +78,44 @@ unsafe fn gelu_slice_avx2(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// `h[i, j] ← GELU(h[i, j] + bias[j])` in place over rows of `bias.len()` (or `row` without a
+/// bias): the fc1 epilogue of the fused token MLP, one pass over the hidden activations.
+pub(crate) fn bias_gelu_rows(h: &mut [f32], bias: Option<&[f32]>, row: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            unsafe { bias_gelu_rows_avx512(h, bias, row) };
+            return;
+        }
+    }
+    bias_gelu_rows_impl(h, bias, row)
+}
+
+#[inline(always)]
+fn bias_gelu_rows_impl(h: &mut [f32], bias: Option<&[f32]>, row: usize) {
+    for r in h.chunks_exact_mut(row.max(1)) {
+        match bias {
+            Some(b) => {
+                for (v, &b) in r.iter_mut().zip(b) {
+                    *v = gelu_scalar(*v + b);
+                }
+            }
+            None => {
+                for v in r.iter_mut() {
+                    *v = gelu_scalar(*v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bias_gelu_rows_avx512(h: &mut [f32], bias: Option<&[f32]>, row: usize) {
+    bias_gelu_rows_impl(h, bias, row)
+}
+
 pub(crate) const CHUNK: usize = 16 * 1024;
 
 struct GeluTanh;
@@ -454,7 +492,7 @@ fn ln_mod_row_impl(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     }
 }
 
-fn ln_mod_row(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
+pub(crate) fn ln_mod_row(r: &[f32], o: &mut [f32], sh: &[f32], sc: &[f32], eps: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

@@ -37,46 +37,52 @@ impl Linear {
         } else {
             x.reshape((m, k))?
         };
-        let y = if half_ok(&x2, &self.weight) {
-            let y = x2
-                .contiguous()?
-                .apply_op2_no_bwd(&self.weight, &HalfLinear)?;
-            match &self.bias {
-                Some(b) => super::kernels::add_bias(y, b)?,
-                None => y,
+        let y = match self.path(&x2) {
+            Path::Half => {
+                let y = x2
+                    .contiguous()?
+                    .apply_op2_no_bwd(&self.weight, &HalfLinear)?;
+                match &self.bias {
+                    Some(b) => super::kernels::add_bias(y, b)?,
+                    None => y,
+                }
             }
-        } else if frozen_ok(&x2, &self.weight) {
-            // Training through a frozen weight (parameter-efficient fine-tuning): candle's
-            // matmul backward would also compute the weight's gradient, a third of the layer's
-            // backward work, for nothing. This op returns the input's gradient only.
-            let y = x2.contiguous()?.apply_op2(&self.weight, FrozenWeight)?;
-            match &self.bias {
-                Some(b) => super::kernels::add_bias(y, b)?,
-                None => y,
+            Path::Frozen => {
+                // Training through a frozen weight (parameter-efficient fine-tuning): candle's
+                // matmul backward would also compute the weight's gradient, a third of the
+                // layer's backward work, for nothing. This op returns the input's gradient only.
+                let y = x2.contiguous()?.apply_op2(&self.weight, FrozenWeight)?;
+                match &self.bias {
+                    Some(b) => super::kernels::add_bias(y, b)?,
+                    None => y,
+                }
             }
-        } else if fused_ok(&x2, &self.weight, self.bias.as_ref()) {
-            let x2 = x2.contiguous()?;
-            match &self.bias {
-                Some(b) => x2.apply_op3_no_bwd(&self.weight, b, &FusedLinear)?,
-                None => x2.apply_op2_no_bwd(&self.weight, &FusedLinear)?,
+            Path::Fused => {
+                let x2 = x2.contiguous()?;
+                match &self.bias {
+                    Some(b) => x2.apply_op3_no_bwd(&self.weight, b, &FusedLinear)?,
+                    None => x2.apply_op2_no_bwd(&self.weight, &FusedLinear)?,
+                }
             }
-        } else {
-            // candle's MKL matmul takes only whole (or whole transposed) matrices: a column-sliced
-            // weight view (TDW on this composite path) is copied first. Reduced-precision weights
-            // in an f32 activation stream (autocast) multiply in the weights' dtype; the result
-            // returns to the input's, where the bias stays in full precision.
-            let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
-                self.weight.contiguous()?
-            } else {
-                self.weight.clone()
-            };
-            let y = x2
-                .to_dtype(w.dtype())?
-                .matmul(&w.t()?)?
-                .to_dtype(x2.dtype())?;
-            match &self.bias {
-                Some(b) => super::kernels::add_bias(y, b)?,
-                None => y,
+            Path::Composite => {
+                // candle's MKL matmul takes only whole (or whole transposed) matrices: a
+                // column-sliced weight view (TDW on this composite path) is copied first.
+                // Reduced-precision weights in an f32 activation stream (autocast) multiply in
+                // the weights' dtype; the result returns to the input's, where the bias stays in
+                // full precision.
+                let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
+                    self.weight.contiguous()?
+                } else {
+                    self.weight.clone()
+                };
+                let y = x2
+                    .to_dtype(w.dtype())?
+                    .matmul(&w.t()?)?
+                    .to_dtype(x2.dtype())?;
+                match &self.bias {
+                    Some(b) => super::kernels::add_bias(y, b)?,
+                    None => y,
+                }
             }
         };
         if x.rank() == 2 {
@@ -85,6 +91,19 @@ impl Linear {
             let mut out = dims;
             *out.last_mut().unwrap() = self.out_features();
             y.reshape(out)
+        }
+    }
+
+    /// Which implementation [`Linear::forward`] runs for the 2-D input `x`.
+    pub(crate) fn path(&self, x: &Tensor) -> Path {
+        if half_ok(x, &self.weight) {
+            Path::Half
+        } else if frozen_ok(x, &self.weight) {
+            Path::Frozen
+        } else if fused_ok(x, &self.weight, self.bias.as_ref()) {
+            Path::Fused
+        } else {
+            Path::Composite
         }
     }
 
@@ -120,6 +139,19 @@ impl Linear {
     }
 }
 
+/// The implementations behind [`Linear::forward`], fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// bf16/f16 weights, f32 input, MKL build: MKL's mixed-precision GEMM ([`HalfLinear`]).
+    Half,
+    /// Training through a frozen f32 weight: the input's gradient only ([`FrozenWeight`]).
+    Frozen,
+    /// f32 CPU inference: one GEMM into an uninitialised buffer, bias in place ([`FusedLinear`]).
+    Fused,
+    /// Everything else (GPU, trainable weights, f64, reduced precision without MKL): candle's ops.
+    Composite,
+}
+
 /// Whether the fused CPU op applies: f32 CPU tensors, no autograd, contiguous weight and bias.
 fn fused_ok(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
     let params_ok = unit_rows(w.layout()) && b.is_none_or(|b| b.is_contiguous());
@@ -129,7 +161,7 @@ fn fused_ok(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// Whether a 2-D layout has unit column stride and rows that do not overlap: a contiguous weight
 /// or a column slice of one (the sliced input columns of a TDW layer), both of which the GEMM
 /// reads in place.
-fn unit_rows(l: &Layout) -> bool {
+pub(crate) fn unit_rows(l: &Layout) -> bool {
     match (l.dims(), l.stride()) {
         ([rows, cols], [rs, cs]) => (*cs == 1 || *cols <= 1) && (*rows <= 1 || rs >= cols),
         _ => false,
@@ -137,7 +169,11 @@ fn unit_rows(l: &Layout) -> bool {
 }
 
 /// The elements a [`unit_rows`] layout spans, from its first one, and its row stride.
-fn rows_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], usize)> {
+pub(crate) fn rows_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<(&'a [f32], usize)> {
     let CpuStorage::F32(v) = s else {
         candle::bail!("{what}: f32 only")
     };
@@ -509,6 +545,51 @@ mod tests {
                 assert!(err < 1e-2, "{dt:?} k {k}: {err}");
             }
         }
+    }
+
+    /// The fast paths are the ones taken where they apply: a silent fall to the composite path
+    /// (which once happened after a refactor, with every test still passing) shows up here.
+    #[test]
+    fn forward_takes_the_fast_path_where_it_applies() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (16, 24), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 16, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 24), &dev).unwrap();
+        let lin = Linear::new(w.clone(), Some(b.clone()));
+        assert_eq!(lin.path(&x), Path::Fused, "f32 CPU inference");
+        let sliced = Linear::new(w.narrow(1, 8, 12).unwrap(), Some(b.clone()));
+        let x12 = Tensor::randn(0f32, 1.0, (5, 12), &dev).unwrap();
+        assert_eq!(
+            sliced.path(&x12),
+            Path::Fused,
+            "TDW column slice read in place"
+        );
+        let rows = Linear::new(w.narrow(0, 4, 8).unwrap(), None);
+        assert_eq!(rows.path(&x), Path::Fused, "TDW row slice");
+        let xv = candle::Var::from_tensor(&x).unwrap();
+        assert_eq!(
+            lin.path(xv.as_tensor()),
+            Path::Frozen,
+            "PEFT: frozen weight"
+        );
+        let wv = candle::Var::from_tensor(&w).unwrap();
+        let trainable = Linear::new(wv.as_tensor().clone(), Some(b.clone()));
+        assert_eq!(
+            trainable.path(xv.as_tensor()),
+            Path::Composite,
+            "trainable weight"
+        );
+        let half = Linear::new(w.to_dtype(candle::DType::BF16).unwrap(), Some(b));
+        let want = if cfg!(feature = "mkl") {
+            Path::Half
+        } else {
+            Path::Composite
+        };
+        assert_eq!(half.path(&x), want, "bf16 weights");
+        assert_eq!(
+            lin.path(&x.to_dtype(candle::DType::F64).unwrap()),
+            Path::Composite
+        );
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod embed;
 pub mod kernels;
 pub mod linear;
 pub mod ops;
+pub mod token_mlp;
 
 pub use linear::Linear;
