@@ -25,4 +25,5 @@ pub mod runner;
 pub mod t2i;
 pub mod train;
 pub mod vae;
+pub mod vae_decoder;
 pub mod viz;

@@ -1,7 +1,8 @@
 //! The Stable-Diffusion VAE that DiT works in (`stabilityai/sd-vae-ft-ema` / `-mse`, diffusers
 //! `AutoencoderKL` layout).
 //!
-//! Decoding goes through candle-transformers' [`AutoEncoderKL`]. Its encoder is private and its
+//! Decoding goes through our CPU decoder ([`crate::vae_decoder`], f32 on the CPU, 3–4× faster
+//! there) or candle-transformers' [`AutoEncoderKL`] (other devices and dtypes). Its encoder is private and its
 //! `encode()` hides the distribution's mean/std, so [`VaeEncoder`] assembles the same encoder
 //! from the public candle-transformers blocks and returns (mean, logvar) like diffusers'
 //! `latent_dist`.
@@ -350,6 +351,7 @@ pub struct Vae {
     /// Where the weights come from, for error messages (the file path).
     source: String,
     decoder: OnceLock<AutoEncoderKL>,
+    fast_decoder: OnceLock<crate::vae_decoder::FastDecoder>,
     encoder: OnceLock<VaeEncoder>,
 }
 
@@ -446,6 +448,7 @@ impl Vae {
             vb,
             source: label,
             decoder: OnceLock::new(),
+            fast_decoder: OnceLock::new(),
             encoder: OnceLock::new(),
         })
     }
@@ -476,6 +479,7 @@ impl Vae {
             vb,
             source,
             decoder: OnceLock::new(),
+            fast_decoder: OnceLock::new(),
             encoder: OnceLock::new(),
         })
     }
@@ -493,7 +497,31 @@ impl Vae {
     }
 
     pub fn decoder_loaded(&self) -> bool {
-        self.decoder.get().is_some()
+        self.decoder.get().is_some() || self.fast_decoder.get().is_some()
+    }
+
+    /// Whether [`Vae::decode`] runs the CPU decoder on our conv kernel ([`Vae::fast_decoder`]):
+    /// f32 on the CPU. Elsewhere it runs candle-transformers' decoder.
+    pub fn uses_fast_decoder(&self) -> bool {
+        self.device().is_cpu() && self.dtype() == DType::F32
+    }
+
+    /// The decoder on our CPU conv kernel, built on first call.
+    pub fn fast_decoder(&self) -> anyhow::Result<&crate::vae_decoder::FastDecoder> {
+        if let Some(d) = self.fast_decoder.get() {
+            return Ok(d);
+        }
+        let d = crate::vae_decoder::FastDecoder::new(self.vb.clone(), &self.cfg)
+            .with_context(|| format!("loading the VAE decoder from {}", self.source))?;
+        Ok(self.fast_decoder.get_or_init(|| d))
+    }
+
+    /// [`Vae::decode`] through candle-transformers' decoder whatever the device (the baseline
+    /// of `dydit bench --vae`).
+    pub fn decode_candle(&self, z: &Tensor) -> anyhow::Result<Tensor> {
+        let z = z.to_device(self.device())?.to_dtype(self.dtype())?;
+        let decoder = self.decoder()?;
+        Ok(per_sample(&z, |z| decoder.decode(z))?)
     }
 
     pub fn encoder_loaded(&self) -> bool {
@@ -531,8 +559,11 @@ impl Vae {
     /// Raw diffusers `decode(z).sample`: latent `(B, latent, h, w)` → image `(B, 3, h·f, w·f)`;
     /// no scaling. The input is moved to the VAE's device/dtype; so is the result.
     pub fn decode(&self, z: &Tensor) -> anyhow::Result<Tensor> {
+        if !self.uses_fast_decoder() {
+            return self.decode_candle(z);
+        }
         let z = z.to_device(self.device())?.to_dtype(self.dtype())?;
-        let decoder = self.decoder()?;
+        let decoder = self.fast_decoder()?;
         Ok(per_sample(&z, |z| decoder.decode(z))?)
     }
 

@@ -117,6 +117,12 @@ fn load_detects_prefix_and_builds_parts_lazily() {
         vae.decoder_loaded() && !vae.encoder_loaded(),
         "decoding must not build the encoder"
     );
+    // On the CPU in f32 that decode ran our conv-kernel decoder; candle-transformers' decoder
+    // on the same weights agrees with it and with the golden file.
+    assert!(vae.uses_fast_decoder());
+    let via_candle = vae.decode_candle(latent).unwrap();
+    assert!(max_norm_err(&via_candle, &decoded) < 1e-5);
+    assert!(max_norm_err(&via_candle, &g.tensors["expect.decoded"]) <= g.tolerance);
 
     // decode_latents divides by the SD scale first.
     let via_scaled = vae

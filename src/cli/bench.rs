@@ -34,6 +34,10 @@ pub struct Args {
     /// tokens, the SDT token MLP) against the composite ops it replaces, at --model's shapes.
     #[arg(long)]
     pub kernels: bool,
+    /// Time the SD VAE decode of one --image-size image (random weights): our CPU decoder against
+    /// candle-transformers' on the same weights.
+    #[arg(long)]
+    pub vae: bool,
     /// With --kernels: only these (comma separated: gelu, ln, attention, token-mlp).
     #[arg(long)]
     pub only: Option<String>,
@@ -99,6 +103,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     if a.kernels {
         return super::bench_kernels::run(a);
+    }
+    if a.vae {
+        return super::bench_kernels::run_vae(a);
     }
     if a.dynamic {
         return run_dynamic(a);

@@ -43,6 +43,7 @@ fn wanted(a: &Args, kernel: &str) -> bool {
         "gelu-tanh" => "gelu",
         "ln+modulate" => "ln",
         "attention" => "attention",
+        "conv3x3" => "conv",
         _ => "token-mlp",
     };
     a.only
@@ -54,8 +55,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if let Some(o) = a.only.as_deref() {
         for w in o.split(',') {
             anyhow::ensure!(
-                ["gelu", "ln", "attention", "token-mlp"].contains(&w.trim()),
-                "--only: unknown kernel '{w}' (gelu, ln, attention, token-mlp)"
+                ["gelu", "ln", "attention", "token-mlp", "conv"].contains(&w.trim()),
+                "--only: unknown kernel '{w}' (gelu, ln, attention, token-mlp, conv)"
             );
         }
     }
@@ -79,6 +80,30 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "{:<10} {:<14} {:<26} {:>10} {:>13} {:>8} {:>9}",
             "model", "kernel", "shape", "fused_ms", "composite_ms", "speedup", "max_err"
         );
+    }
+    if wanted(&a, "conv3x3") {
+        // The SD VAE decoder's 3×3 convs at a 256² output: 512 channels at 64², 256 at 128²,
+        // 128 at 256² (one image).
+        for (ci, c, hw) in [
+            (512usize, 512usize, 64usize),
+            (256, 256, 128),
+            (256, 128, 256),
+            (128, 128, 256),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (1, ci, hw, hw), &dev)?;
+            let w = Tensor::randn(0f32, 0.02, (c, ci, 3, 3), &dev)?;
+            let b = Tensor::randn(0f32, 0.02, c, &dev)?;
+            let case = Case {
+                kernel: "conv3x3",
+                shape: format!("[1, {ci}, {hw}, {hw}] → {c}"),
+                fused: Box::new(|| crate::nn::conv::conv2d(&x, &w, Some(&b), 1)),
+                composite: Box::new(|| {
+                    x.conv2d(&w, 1, 1, 1, 1)?
+                        .broadcast_add(&b.reshape((1, c, 1, 1))?)
+                }),
+            };
+            report(&a, "SD-VAE", 1, &case)?;
+        }
     }
     for name in models.split(',').map(str::trim) {
         let cfg = DitConfig::preset(name, a.image_size)?;
@@ -181,38 +206,163 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 });
             }
             for case in cases.iter().filter(|c| wanted(&a, c.kernel)) {
-                let check = ops::max_rel_err(&(case.fused)()?, &(case.composite)()?)?;
-                for _ in 0..a.warmup {
-                    time(&case.fused)?;
-                    time(&case.composite)?;
-                }
-                let (mut tf, mut tc, mut ratio) = (vec![], vec![], vec![]);
-                for _ in 0..a.runs {
-                    let (f, c) = (time(&case.fused)?, time(&case.composite)?);
-                    tf.push(f);
-                    tc.push(c);
-                    ratio.push(c / f);
-                }
-                let (f, cm, sp) = (median(&mut tf), median(&mut tc), median(&mut ratio));
-                if a.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "bench": "kernels", "model": name, "batch": b,
-                            "kernel": case.kernel, "shape": case.shape,
-                            "fused_ms": f, "composite_ms": cm, "speedup": sp,
-                            "max_rel_err": check, "threads": rayon::current_num_threads(),
-                            "blas": crate::nn::blas::backend(),
-                        })
-                    );
-                } else {
-                    println!(
-                        "{:<10} {:<14} {:<26} {:>10.3} {:>13.3} {:>7.2}x {:>9.1e}",
-                        name, case.kernel, case.shape, f, cm, sp, check
-                    );
-                }
+                report(&a, name, b, case)?;
             }
         }
+    }
+    Ok(0)
+}
+
+/// Times one case (interleaved pairs) and prints its line.
+fn report(a: &Args, name: &str, b: usize, case: &Case) -> anyhow::Result<()> {
+    let check = ops::max_rel_err(&(case.fused)()?, &(case.composite)()?)?;
+    for _ in 0..a.warmup {
+        time(&case.fused)?;
+        time(&case.composite)?;
+    }
+    let (mut tf, mut tc, mut ratio) = (vec![], vec![], vec![]);
+    for _ in 0..a.runs {
+        let (f, c) = (time(&case.fused)?, time(&case.composite)?);
+        tf.push(f);
+        tc.push(c);
+        ratio.push(c / f);
+    }
+    let (f, cm, sp) = (median(&mut tf), median(&mut tc), median(&mut ratio));
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "kernels", "model": name, "batch": b,
+                "kernel": case.kernel, "shape": case.shape,
+                "fused_ms": f, "composite_ms": cm, "speedup": sp,
+                "max_rel_err": check, "threads": rayon::current_num_threads(),
+                "blas": crate::nn::blas::backend(),
+            })
+        );
+    } else {
+        println!(
+            "{:<10} {:<14} {:<26} {:>10.3} {:>13.3} {:>7.2}x {:>9.1e}",
+            name, case.kernel, case.shape, f, cm, sp, check
+        );
+    }
+    Ok(())
+}
+
+/// `dydit bench --vae`: the SD VAE decode of one image (`--image-size`, default 256) with random
+/// weights, our CPU decoder against candle-transformers' on the same weights, interleaved.
+pub fn run_vae(a: Args) -> anyhow::Result<i32> {
+    use crate::vae::{Vae, VaeConfig};
+    use candle_nn::{VarBuilder, VarMap};
+    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(
+        a.image_size.is_multiple_of(8) && a.image_size > 0,
+        "--image-size must be a positive multiple of 8 for the VAE"
+    );
+    let dev = Device::Cpu;
+    let cfg = VaeConfig::sd();
+    // Random weights: building candle-transformers' model on a VarMap creates every tensor.
+    let map = VarMap::new();
+    {
+        let vb = VarBuilder::from_varmap(&map, candle::DType::F32, &dev);
+        candle_transformers::models::stable_diffusion::vae::AutoEncoderKL::new(
+            vb,
+            3,
+            3,
+            candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig {
+                block_out_channels: cfg.block_out_channels.clone(),
+                layers_per_block: cfg.layers_per_block,
+                latent_channels: cfg.latent_channels,
+                norm_num_groups: cfg.norm_num_groups,
+                use_quant_conv: true,
+                use_post_quant_conv: true,
+            },
+        )?;
+    }
+    // Well-scaled values (unit-variance activations through every layer): N(0, 1/fan_in) for
+    // weights, zero biases, unit norm scales. Degenerate activations would time denormals.
+    for (name, var) in map.data().lock().expect("var map lock").iter() {
+        let dims = var.dims().to_vec();
+        let t = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            Tensor::randn(
+                0f32,
+                (1.0 / fan_in as f64).sqrt() as f32,
+                dims.as_slice(),
+                &dev,
+            )?
+        } else if name.contains("norm") && name.ends_with("weight") {
+            Tensor::ones(dims.as_slice(), candle::DType::F32, &dev)?
+        } else {
+            Tensor::zeros(dims.as_slice(), candle::DType::F32, &dev)?
+        };
+        var.set(&t)?;
+    }
+    // Plain tensors, not variables: inference kernels decline tensors that track gradients.
+    let tensors: std::collections::HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .expect("var map lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let vae = Vae::from_varbuilder(
+        VarBuilder::from_tensors(tensors, candle::DType::F32, &dev),
+        cfg,
+    )?;
+    // Load both decoders before timing.
+    vae.fast_decoder()?;
+    vae.decoder()?;
+    let s = a.image_size / 8;
+    let z = Tensor::randn(0f32, 1.0, (1, 4, s, s), &dev)?;
+    let out = vae.decode(&z)?;
+    let finite = out
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite());
+    anyhow::ensure!(finite, "the random-weight VAE decoded to non-finite values");
+    let check = ops::max_rel_err(&out, &vae.decode_candle(&z)?)?;
+    for _ in 0..a.warmup {
+        vae.decode(&z)?;
+        vae.decode_candle(&z)?;
+    }
+    let (mut tf, mut tc, mut ratio) = (vec![], vec![], vec![]);
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        vae.decode(&z)?;
+        let f = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        vae.decode_candle(&z)?;
+        let c = t.elapsed().as_secs_f64() * 1e3;
+        tf.push(f);
+        tc.push(c);
+        ratio.push(c / f);
+    }
+    let (f, c, sp) = (median(&mut tf), median(&mut tc), median(&mut ratio));
+    let peak = super::bench::peak_rss_mib();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "vae-decode", "image_size": a.image_size, "ours_ms": f,
+                "candle_ms": c, "speedup": sp, "max_rel_err": check,
+                "threads": rayon::current_num_threads(), "blas": crate::nn::blas::backend(),
+                "peak_rss_mib": peak,
+            })
+        );
+    } else {
+        println!(
+            "machine: {} threads, GEMM {}, warm-up {}, median of {} interleaved pairs",
+            rayon::current_num_threads(),
+            crate::nn::blas::backend(),
+            a.warmup,
+            a.runs
+        );
+        println!(
+            "SD VAE decode {0}²: ours {f:.0} ms, candle-transformers {c:.0} ms, speedup {sp:.2}x, \
+             max rel. diff {check:.1e}",
+            a.image_size
+        );
     }
     Ok(0)
 }

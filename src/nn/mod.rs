@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod autodiff;
 pub mod blas;
+pub mod conv;
 pub mod embed;
 pub mod kernels;
 pub mod linear;
