@@ -69,6 +69,56 @@ pub unsafe fn sgemm(
     )
 }
 
+/// `x (m×k, row-major) · wᵀ` into a fresh `m×n` buffer, for `w` `n×k` with row stride `w_rs`
+/// (a weight in PyTorch layout, or a column slice of one): the product behind every linear layer
+/// of the hand-written kernels. The buffer is never zero-filled; the GEMM writes all of it.
+pub fn xwt(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    w_rs: usize,
+    threads: usize,
+) -> Vec<f32> {
+    assert!(
+        x.len() >= m * k,
+        "xwt: x holds {} values, want {m}×{k}",
+        x.len()
+    );
+    assert!(
+        n == 0 || k == 0 || w.len() >= (n - 1) * w_rs + k,
+        "xwt: weight view too short for {n}×{k} with row stride {w_rs}"
+    );
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    if m == 0 || n == 0 {
+        return y;
+    }
+    if k == 0 {
+        y.resize(m * n, 0.0);
+        return y;
+    }
+    // SAFETY: y has capacity m·n and with dst_scale 0 the GEMM writes every element without
+    // reading any, so it is initialised before set_len. x and w are long enough (asserted).
+    unsafe {
+        sgemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            (n as isize, 1),
+            0.0,
+            x.as_ptr(),
+            (k as isize, 1),
+            w.as_ptr(),
+            (1, w_rs as isize),
+            threads,
+        );
+        y.set_len(m * n);
+    }
+    y
+}
+
 /// `y (m×n) = x (m×k) · wᵀ` with `x` and `w` (`n×k`, row stride `w_rs`) in bf16 (`f16 ==
 /// false`) or f16, accumulated and written in f32: MKL's `cblas_gemm_bf16bf16f32` /
 /// `cblas_gemm_f16f16f32`, which use AMX or AVX512-BF16/FP16 where the CPU has them. Operands

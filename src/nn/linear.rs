@@ -446,33 +446,9 @@ impl FusedLinear {
             }
             None => None,
         };
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        if m > 0 && n > 0 {
-            // SAFETY: y has capacity m·n (row-major m×n); with dst_scale 0 the GEMM writes every
-            // element without reading any, so the buffer is fully initialised afterwards (set_len
-            // below). x is m×k row-major, w is n×k with row stride w_rs read as its transpose
-            // (element (kk, j) at j·w_rs + kk); all lengths checked above.
-            unsafe {
-                super::blas::sgemm(
-                    m,
-                    n,
-                    k,
-                    y.as_mut_ptr(),
-                    (n as isize, 1),
-                    0.0,
-                    xs.as_ptr(),
-                    (k as isize, 1),
-                    ws.as_ptr(),
-                    (1, w_rs as isize),
-                    rayon::current_num_threads(),
-                );
-                y.set_len(m * n);
-            }
-            if let Some(bias) = bias {
-                super::kernels::bias_add_rows(&mut y, bias);
-            }
-        } else {
-            y.resize(m * n, 0.0);
+        let mut y = super::blas::xwt(m, n, k, xs, ws, w_rs, rayon::current_num_threads());
+        if let Some(bias) = bias {
+            super::kernels::bias_add_rows(&mut y, bias);
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }

@@ -170,7 +170,7 @@ impl CustomOp1 for TokenMlp<'_> {
         let mut out = x.to_vec();
         let m = self.rows.len();
         let threads = rayon::current_num_threads();
-        let (t, gemm_threads) = (m.div_ceil(threads.max(1)).max(1), 1);
+        let t = m.div_ceil(threads.max(1)).max(1);
         let dst = OutRows(out.as_mut_ptr());
         let tiles: Vec<&[u32]> = self.rows.chunks(t).collect();
         tiles.par_iter().for_each(|rows| {
@@ -184,47 +184,11 @@ impl CustomOp1 for TokenMlp<'_> {
                     let (sh, sc) = (&shift[s * c..(s + 1) * c], &scale[s * c..(s + 1) * c]);
                     ln_mod_row(&x[r * c..(r + 1) * c], o, sh, sc, self.eps);
                 });
-            let mut hid: Vec<f32> = Vec::with_capacity(k * h);
-            let mut y: Vec<f32> = Vec::with_capacity(k * c);
-            // SAFETY: with dst_scale 0 each GEMM writes all of its k×h (k×c) row-major output
-            // without reading it, so set_len afterwards exposes initialised values only. u is
-            // k×c row-major; w1 is h×c with row stride w1_rs and w2 c×h with row stride w2_rs
-            // (both checked by rows_f32), read as their transposes.
-            unsafe {
-                super::blas::sgemm(
-                    k,
-                    h,
-                    c,
-                    hid.as_mut_ptr(),
-                    (h as isize, 1),
-                    0.0,
-                    u.as_ptr(),
-                    (c as isize, 1),
-                    w1.as_ptr(),
-                    (1, w1_rs as isize),
-                    gemm_threads,
-                );
-                hid.set_len(k * h);
-            }
+            let mut hid = super::blas::xwt(k, h, c, &u, w1, w1_rs, 1);
             let rows_per = (super::kernels::CHUNK / h).max(1);
             hid.par_chunks_mut(rows_per * h)
                 .for_each(|blk| bias_gelu_rows(blk, b1.as_deref(), h));
-            unsafe {
-                super::blas::sgemm(
-                    k,
-                    c,
-                    h,
-                    y.as_mut_ptr(),
-                    (c as isize, 1),
-                    0.0,
-                    hid.as_ptr(),
-                    (h as isize, 1),
-                    w2.as_ptr(),
-                    (1, w2_rs as isize),
-                    gemm_threads,
-                );
-                y.set_len(k * c);
-            }
+            let y = super::blas::xwt(k, c, h, &hid, w2, w2_rs, 1);
             y.par_chunks(c).zip(rows.par_iter()).for_each(|(yr, &r)| {
                 let (r, s) = (r as usize, r as usize / self.tokens);
                 let g = &gate[s * c..(s + 1) * c];
