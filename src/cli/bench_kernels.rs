@@ -69,13 +69,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         "--batch sizes must be positive"
     );
     if !a.json {
-        println!(
-            "machine: {} threads, GEMM {}, warm-up {}, median of {} interleaved pairs",
-            rayon::current_num_threads(),
-            crate::nn::blas::backend(),
-            a.warmup,
-            a.runs
-        );
+        print_machine(&a);
         println!(
             "{:<10} {:<14} {:<26} {:>10} {:>13} {:>8} {:>9}",
             "model", "kernel", "shape", "fused_ms", "composite_ms", "speedup", "max_err"
@@ -211,6 +205,17 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The header line both benchmarks print: threads, GEMM library, warm-up and run counts.
+fn print_machine(a: &Args) {
+    println!(
+        "machine: {} threads, GEMM {}, warm-up {}, median of {} interleaved pairs",
+        rayon::current_num_threads(),
+        crate::nn::blas::backend(),
+        a.warmup,
+        a.runs
+    );
 }
 
 /// Times one case (interleaved pairs) and prints its line.
@@ -351,13 +356,7 @@ pub fn run_vae(a: Args) -> anyhow::Result<i32> {
             })
         );
     } else {
-        println!(
-            "machine: {} threads, GEMM {}, warm-up {}, median of {} interleaved pairs",
-            rayon::current_num_threads(),
-            crate::nn::blas::backend(),
-            a.warmup,
-            a.runs
-        );
+        print_machine(&a);
         println!(
             "SD VAE decode {0}²: ours {f:.0} ms, candle-transformers {c:.0} ms, speedup {sp:.2}x, \
              max rel. diff {check:.1e}",
