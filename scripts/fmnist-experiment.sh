@@ -3,8 +3,9 @@
 # fine-tune DyDiT at λ = 0.7 / 0.5 / 0.3, evaluate FID and speed, draw the pictures, and write
 # the shipped f16 checkpoints. Every stage is resumable and skips what is already done.
 #
-#   scripts/fmnist-experiment.sh [pretrain|finetune|eval|bench|pictures|ship|sit|latte|peft|fid10k]...
-#   (default: the DiT/DyDiT stages; `sit` and `latte` add the SiT/DySiT and Latte/DyLatte rows)
+#   scripts/fmnist-experiment.sh [pretrain|finetune|eval|bench|pictures|ship|sit|latte|peft|fid10k|t2i]...
+#   (default: the DiT/DyDiT stages; `sit` and `latte` add the SiT/DySiT and Latte/DyLatte rows;
+#   `t2i` the small text-to-image MMDiT and its DyFLUX version)
 #
 # Knobs (environment): DYDIT (binary), RUNS (run dir), PRE_STEPS, FT_STEPS, FT_BATCH, FID_N,
 # FID_STEPS, SIT_STEPS, LATTE_STEPS, VID_N. The README's tables were made with the defaults below.
@@ -250,6 +251,69 @@ latte() {
     done
 }
 
+# Text-to-image at small scale: an MMDiT (FLUX blocks, width 128, 2 double + 4 single) and a
+# small text encoder trained on captioned Fashion-MNIST, its DyFLUX version (token + width
+# routers) fine-tuned at λ = 0.5, then per model FID-10k against the test split and prompt
+# adherence (the classifier's accuracy on the samples against their prompts' classes), plus
+# timing of both models interleaved in one run.
+T2I_STEPS=${T2I_STEPS:-4000}
+T2I_FT_STEPS=${T2I_FT_STEPS:-500}
+T2I_SAMPLE_STEPS=${T2I_SAMPLE_STEPS:-25}
+T2I_CFG=${T2I_CFG:-3}
+t2i() {
+    local b="$R/fmnist-t2i" dy="$R/fmnist-dyt2i-0.5" e="$R/eval-t2i"
+    if [ ! -f "$b/model.safetensors" ]; then
+        if [ -d "$b/ckpt" ]; then
+            "$D" t2i-train --resume --out "$b" --steps "$T2I_STEPS" --quiet
+        else
+            "$D" t2i-train --out "$b" --steps "$T2I_STEPS" --batch-size 64 --lr 3e-4 \
+                --ema-decay 0.999 --seed 1 --ckpt-every 250 --log-every 25 --quiet
+        fi
+    fi
+    if [ ! -f "$dy/model.safetensors" ]; then
+        if [ -d "$dy/ckpt" ]; then
+            "$D" t2i-train --resume --out "$dy" --quiet
+        else
+            # DyDiT's recipe as in the DiT rows: lr 1e-4, routers 1e-3, λ warm-up over 200.
+            "$D" t2i-train --init-from "$b/model.safetensors" --target-ratio 0.5 --out "$dy" \
+                --steps "$T2I_FT_STEPS" --batch-size 32 --lr 1e-4 --router-lr 1e-3 \
+                --warmup-steps 200 --ema-decay 0.99 --seed 2 --ckpt-every 100 --log-every 10 --quiet
+        fi
+    fi
+    [ -f weights/fmnist-classifier.safetensors ] || "$D" classifier-train --epochs 8 \
+        --out weights/fmnist-classifier.safetensors
+    mkdir -p "$e"
+    for entry in "t2i=$b" "dyt2i-0.5=$dy"; do
+        local name=${entry%%=*} dir=${entry#*=}
+        [ -f "$e/$name.json" ] && continue
+        local parts=()
+        for ((i = 0; i < 8; i++)); do
+            local part="$e/$name.part$i-of-8.npz"
+            parts+=("$part")
+            [ -f "$part" ] && continue
+            "$D" t2i-sample --ckpt "$dir/model.safetensors" --npz "$part" --num-samples 10000 \
+                --shard "$i/8" --steps "$T2I_SAMPLE_STEPS" --cfg-scale "$T2I_CFG" --seed 0 \
+                --batch-size 50 --json > "$part.json"
+        done
+        "$D" merge-npz "${parts[@]}" --out "$e/$name.npz" --expect 10000
+        "${FID_DYDIT:-$D}" fid --real weights/fid_stats_fashion_test.safetensors \
+            --fake "$e/$name.npz" --json > "$e/$name.fid.json"
+        "$D" classify --classifier weights/fmnist-classifier.safetensors --npz "$e/$name.npz" \
+            --json > "$e/$name.classify.json"
+        cat "$e/$name".part*.json "$e/$name.fid.json" "$e/$name.classify.json" > "$e/$name.json.tmp"
+        mv "$e/$name.json.tmp" "$e/$name.json"
+        cat "$e/$name.json"
+    done
+    [ -f "$e/bench.jsonl" ] || "$D" t2i-bench --ckpt "$b/model.safetensors,$dy/model.safetensors" \
+        --batch 40 --steps "$T2I_SAMPLE_STEPS" --cfg-scale "$T2I_CFG" --runs 3 --json \
+        | tee "$e/bench.jsonl"
+    mkdir -p docs/fmnist
+    for entry in "t2i=$b" "dyt2i-0.5=$dy"; do
+        "$D" t2i-sample --ckpt "${entry#*=}/model.safetensors" --per-prompt 8 \
+            --steps "$T2I_SAMPLE_STEPS" --cfg-scale 4 --seed 1 --out "docs/fmnist/${entry%%=*}-grid.png"
+    done
+}
+
 ship() {
     "$D" convert "$R/fmnist-dit/model.safetensors" models/fashion-mnist/dit.safetensors \
         --dtype f16
@@ -273,6 +337,7 @@ for s in "${stages[@]}"; do
         peft) peft ;;
         peft-cost) peft_cost ;;
         fid10k) fid10k ;;
-        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte peft peft-cost fid10k)" >&2; exit 2 ;;
+        t2i) t2i ;;
+        *) echo "unknown stage '$s' (pretrain finetune eval bench pictures ship sit latte peft peft-cost fid10k t2i)" >&2; exit 2 ;;
     esac
 done

@@ -5,6 +5,7 @@ mod bench_kernels;
 mod bench_sample;
 mod bench_train;
 mod classes;
+mod classifier;
 mod common;
 mod convert;
 mod eval;
@@ -18,6 +19,7 @@ mod plot_log;
 mod prepare_latents;
 mod sample;
 mod t2i;
+mod t2i_tiny;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -70,6 +72,17 @@ enum Command {
     Golden(golden::Args),
     /// Text-to-image with FLUX / DyFLUX from local T5, CLIP, VAE and transformer weights.
     T2i(t2i::Args),
+    /// Train the small text-to-image MMDiT (+ text encoder) on captioned Fashion-MNIST, or
+    /// fine-tune it into its DyFLUX version (--init-from, --target-ratio); resumable.
+    T2iTrain(t2i_tiny::TrainArgs),
+    /// Sample the small text-to-image model: prompts → PNG grid, or balanced prompts → `.npz`.
+    T2iSample(t2i_tiny::SampleArgs),
+    /// Time small text-to-image models against each other (interleaved, one run).
+    T2iBench(t2i_tiny::BenchArgs),
+    /// Train the Fashion-MNIST classifier that scores prompt adherence.
+    ClassifierTrain(classifier::TrainArgs),
+    /// Prompt adherence: the classifier's accuracy on `t2i-sample --npz` samples.
+    Classify(classifier::ClassifyArgs),
 }
 
 /// Runs the CLI; returns the process exit code. Every error is one clear line on stderr.
@@ -93,6 +106,11 @@ pub fn main() -> i32 {
         Command::ConvertFid(a) => fid::run_convert(a),
         Command::Finetune(a) => train::run_finetune(a),
         Command::T2i(a) => t2i::run(a),
+        Command::T2iTrain(a) => t2i_tiny::run_train(a),
+        Command::T2iSample(a) => t2i_tiny::run_sample(a),
+        Command::T2iBench(a) => t2i_tiny::run_bench(a),
+        Command::ClassifierTrain(a) => classifier::run_train(a),
+        Command::Classify(a) => classifier::run_classify(a),
     };
     match res {
         Ok(code) => code,

@@ -10,6 +10,7 @@
 //!   Fréchet distance needs at d = 2048 in seconds.
 //! * [`golden`] — the checks behind the golden kinds `fid_inception` and `frechet_distance`.
 
+pub mod classifier;
 pub mod fid;
 pub mod golden;
 pub mod inception;

@@ -16,6 +16,7 @@ pub mod latents;
 pub mod pipeline;
 pub mod savings;
 pub mod text;
+pub mod tiny;
 pub mod vae;
 
 pub use denoise::{denoise, Conditioning, DenoiseOptions, Denoised, StepRecord};

@@ -47,6 +47,7 @@ pub fn routing_name(r: Routing) -> &'static str {
         Routing::Skip => "skip",
         Routing::DenseMasked => "dense",
         Routing::Off => "off",
+        Routing::Gumbel { .. } => "gumbel (training)",
     }
 }
 

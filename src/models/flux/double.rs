@@ -184,6 +184,7 @@ impl DoubleBlock {
         // Token routing on the post-attention streams.
         let sel = match (&self.router, routing) {
             (Some(r), Routing::Skip | Routing::DenseMasked) => r.select(&img, &txt, temb_act)?,
+            (Some(r), Routing::Gumbel { seed }) => r.gate(&img, &txt, temb_act, seed)?,
             _ => Selection::All,
         };
 
@@ -193,7 +194,7 @@ impl DoubleBlock {
                 let u = ln_modulate(&img, &mi[3], &mi[4], eps)?.reshape((b * n, c))?;
                 gated_residual(&img, &run_ff(&ff, &u, None, n)?, &mi[5], None)?
             }
-            (Selection::Rows(_), Routing::DenseMasked) => {
+            (Selection::Rows(_), Routing::DenseMasked) | (Selection::Gated(_), _) => {
                 let u = ln_modulate(&img, &mi[3], &mi[4], eps)?.reshape((b * n, c))?;
                 let mask = sel
                     .mask(b, n, img.device())?

@@ -1,12 +1,15 @@
 //! Pieces shared by both FLUX block kinds: adaLN LayerNorm + modulate (whole stream or gathered
 //! token rows), the GELU-tanh feed-forward, q/k RMSNorm and joint multi-head attention.
 //!
-//! Inference only. On the CPU in f32 the crate's fused kernels run (two-pass LayerNorm, fused
-//! attention); elsewhere the composite ops below compute norms and softmax in f32, since bf16/f16
+//! On the CPU in f32 the crate's fused kernels run (two-pass LayerNorm, fused attention);
+//! elsewhere the composite ops below compute norms and softmax in f32, since bf16/f16
 //! activations of FLUX reach magnitudes where a one-pass variance or a bf16 softmax loses digits.
+//! When a tensor tracks gradients (training, `super::train`) every op here is differentiable:
+//! the fused kernels decline or have a backward pass, and the RMSNorm, softmax and RoPE fall
+//! back to composite ops (candle's fused ones would silently cut the graph).
 
 use super::rope::Rope;
-use crate::nn::{attention, kernels, ops, Linear};
+use crate::nn::{attention, autodiff, kernels, ops, Linear};
 use candle::{DType, Result, Tensor, D};
 
 /// LayerNorm without affine parameters over the last dim, two-pass in f32, cast back.
@@ -23,6 +26,8 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn ln_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
     if kernels::fast_ok(&[x, shift, scale]) {
         kernels::layer_norm_modulate(x, shift, scale, eps)
+    } else if tracked(&[x, shift, scale]) && x.dtype() == DType::F32 {
+        autodiff::layer_norm_modulate(x, shift, scale, eps)
     } else {
         ops::modulate(&layer_norm(x, eps)?, shift, scale)
     }
@@ -53,6 +58,11 @@ pub fn ln_modulate_rows(
     )
 }
 
+/// Whether any of `ts` records gradients (training): the differentiable fused ops apply.
+fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
 /// adaLN parameters: `lin(temb_act)` split into `n` contiguous `[B, C]` chunks (contiguous so
 /// that per-row gathers work on every backend).
 pub fn modulation(lin: &Linear, temb_act: &Tensor, n: usize) -> Result<Vec<Tensor>> {
@@ -79,14 +89,14 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, rows: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&ops::gelu_tanh(&self.fc1.forward(rows)?)?)
+        self.fc2.forward(&gelu(&self.fc1.forward(rows)?)?)
     }
 
     /// `fc2(GELU(fc1(rows) ⊙ mask))` with `mask` `[M, hidden]` of 0/1: the dense TDW reference
     /// (the mask multiplies the hidden channels before the activation, as DyDiT does).
     pub fn forward_masked(&self, rows: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let h = (self.fc1.forward(rows)? * mask)?;
-        self.fc2.forward(&ops::gelu_tanh(&h)?)
+        self.fc2.forward(&gelu(&h)?)
     }
 
     /// The FFN restricted to the active groups of a sliced MLP part: `fc1` row-sliced, `fc2`
@@ -99,13 +109,22 @@ impl FeedForward {
     }
 }
 
+/// GELU-tanh: the inference kernel, or the fused differentiable op when training.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        autodiff::gelu_tanh(x)
+    } else {
+        ops::gelu_tanh(x)
+    }
+}
+
 /// RMSNorm over the head dim (diffusers `RMSNorm`, variance in f32).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     match x.dtype() {
-        DType::F32 | DType::BF16 | DType::F16 => {
+        DType::F32 | DType::BF16 | DType::F16 if !x.track_op() && !weight.track_op() => {
             candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)
         }
-        // candle's fused kernel has no f64 version.
+        // candle's fused kernel has no f64 version and no backward pass.
         _ => {
             let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
             x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
@@ -152,7 +171,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> Result<Tens
     }
     let dtype = q.dtype();
     let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let p = candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dtype)?;
+    let p = if s.track_op() {
+        ops::softmax_diff(&s)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&s)?
+    }
+    .to_dtype(dtype)?;
     p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h * dh))
 }
 
@@ -164,5 +188,8 @@ pub fn gated_residual(
     gate: &Tensor,
     rows: Option<&[u32]>,
 ) -> Result<Tensor> {
+    if rows.is_none() && tracked(&[x, upd, gate]) && x.dtype() == DType::F32 {
+        return autodiff::gated_add(x, &upd.reshape(x.shape())?, gate);
+    }
     kernels::gated_residual(x, upd, gate, rows)
 }

@@ -13,6 +13,7 @@ pub mod rope;
 pub mod router;
 pub mod single;
 pub mod tdw;
+pub mod train;
 pub mod weights;
 
 pub use config::FluxConfig;
@@ -20,3 +21,4 @@ pub use flops::FluxFlops;
 pub use model::{FluxInput, FluxMasks, FluxTransformer};
 pub use router::{Routing, Selection};
 pub use tdw::{FluxSliceCache, Width};
+pub use train::{FluxFlopsLoss, TrainMasks};

@@ -87,7 +87,7 @@ impl FluxMasks {
 type LoadFn<'a> = dyn Fn(&str) -> anyhow::Result<Tensor> + 'a;
 
 /// How the blocks of one forward run their heads and MLP groups.
-enum Plan<'a> {
+pub(super) enum Plan<'a> {
     Full,
     Sliced {
         widths: &'a [LayerWidth],
@@ -542,6 +542,11 @@ impl FluxTransformer {
     /// cache when sampling), `DenseMasked` multiplies by per-sample masks, `Off` ignores every
     /// router (plain FLUX).
     pub fn forward_routed(&self, inp: &FluxInput, routing: Routing) -> Result<(Tensor, FluxMasks)> {
+        if let Routing::Gumbel { .. } = routing {
+            candle::bail!(
+                "Routing::Gumbel is the training mode: use FluxTransformer::forward_train"
+            );
+        }
         if routing == Routing::Off || !self.has_width_routers() {
             return self.run(inp, routing, Plan::Full);
         }
@@ -577,7 +582,12 @@ impl FluxTransformer {
         }
     }
 
-    fn run(&self, inp: &FluxInput, routing: Routing, plan: Plan) -> Result<(Tensor, FluxMasks)> {
+    pub(super) fn run(
+        &self,
+        inp: &FluxInput,
+        routing: Routing,
+        plan: Plan,
+    ) -> Result<(Tensor, FluxMasks)> {
         let (slices, masks) = match plan {
             Plan::Sliced { widths, cache } => (Some(self.slices(widths, cache)?), None),
             Plan::Masked(m) => (None, Some(m)),
@@ -633,7 +643,8 @@ impl FluxTransformer {
         let nd = self.double_blocks.len();
         let mut sel_double = Vec::with_capacity(nd);
         for (l, blk) in self.double_blocks.iter().enumerate() {
-            let (i, c, s) = blk.forward_width(&img, &txt, &temb_act, &rope, routing, width(l))?;
+            let r = routing.for_layer(l);
+            let (i, c, s) = blk.forward_width(&img, &txt, &temb_act, &rope, r, width(l))?;
             img = i;
             txt = c;
             sel_double.push(s);
@@ -641,7 +652,8 @@ impl FluxTransformer {
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
         let mut sel_single = Vec::with_capacity(self.single_blocks.len());
         for (l, blk) in self.single_blocks.iter().enumerate() {
-            let (y, s) = blk.forward_width(&x, t, &temb_act, &rope, routing, width(nd + l))?;
+            let r = routing.for_layer(nd + l);
+            let (y, s) = blk.forward_width(&x, t, &temb_act, &rope, r, width(nd + l))?;
             x = y;
             sel_single.push(s);
         }

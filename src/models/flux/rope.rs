@@ -62,7 +62,32 @@ impl Rope {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-        let y = candle_nn::rotary_emb::rope_i(&x32, &self.cos, &self.sin)?;
+        let y = if x32.track_op() {
+            self.apply_diff(&x32)?
+        } else {
+            candle_nn::rotary_emb::rope_i(&x32, &self.cos, &self.sin)?
+        };
         y.to_dtype(dtype)
+    }
+
+    /// The same rotation from differentiable ops (candle's fused `rope_i` has no backward).
+    fn apply_diff(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, l, dh) = x.dims4()?;
+        // cos/sin [L, Dh/2] or [B, L, Dh/2] → [B|1, 1, L, Dh/2, 1].
+        let table = |t: &Tensor| -> Result<Tensor> {
+            let t = if t.rank() == 2 {
+                t.unsqueeze(0)?
+            } else {
+                t.clone()
+            };
+            t.unsqueeze(1)?.unsqueeze(4)
+        };
+        let (cos, sin) = (table(&self.cos)?, table(&self.sin)?);
+        let x = x.reshape((b, h, l, dh / 2, 2))?;
+        let x0 = x.narrow(4, 0, 1)?;
+        let x1 = x.narrow(4, 1, 1)?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Tensor::cat(&[y0, y1], 4)?.reshape((b, h, l, dh))
     }
 }

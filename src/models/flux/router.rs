@@ -24,18 +24,36 @@ pub struct TokenRouter {
 }
 
 /// Which image tokens a block processes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Selection {
     /// Every token (plain FLUX, or every router logit positive).
     All,
     /// Flattened rows `b·N + n` (sorted) of the selected image tokens; may be empty.
     Rows(Vec<u32>),
+    /// Training: a `[B, N]` 0/1 Gumbel-sigmoid straight-through mask that multiplies the MLP
+    /// part's update (dense), with the surrogate gradient to the router.
+    Gated(Tensor),
+}
+
+impl PartialEq for Selection {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Selection::All, Selection::All) => true,
+            (Selection::Rows(a), Selection::Rows(b)) => a == b,
+            (Selection::Gated(a), Selection::Gated(b)) => {
+                let v = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
+                a.dims() == b.dims() && v(a).is_some() && v(a) == v(b)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Selection {
-    /// `[B, N]` 0/1 mask in f32.
+    /// `[B, N]` 0/1 mask in f32 (a `Gated` mask keeps its gradient).
     pub fn mask(&self, b: usize, n: usize, dev: &candle::Device) -> Result<Tensor> {
         match self {
+            Selection::Gated(m) => m.to_dtype(DType::F32)?.to_device(dev),
             Selection::All => Tensor::ones((b, n), DType::F32, dev),
             Selection::Rows(rows) => {
                 let mut v = vec![0f32; b * n];
@@ -66,6 +84,23 @@ impl TokenRouter {
         self.router
             .forward(&x.broadcast_add(&pooled)?)?
             .squeeze(D::Minus1)
+    }
+
+    /// Training: the Gumbel-sigmoid straight-through mask `[B, N]` (τ = 5, DyFLUX's value)
+    /// with noise from `seed`.
+    pub fn gate(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb_act: &Tensor,
+        seed: u64,
+    ) -> Result<Selection> {
+        use rand::SeedableRng;
+        let logits = self.logits(img, txt, temb_act)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let m =
+            crate::train::gumbel::gumbel_sigmoid_ste(&logits, crate::train::gumbel::TAU, &mut rng)?;
+        Ok(Selection::Gated(m))
     }
 
     /// The selected tokens: logit > 0.
@@ -100,4 +135,22 @@ pub enum Routing {
     DenseMasked,
     /// Ignore the routers: plain FLUX, every token on.
     Off,
+    /// Training: every token runs the MLP part and its update is multiplied by a Gumbel-sigmoid
+    /// straight-through mask (noise from `seed`, mixed with the layer index by the model), so
+    /// the routers get gradients. Used through `FluxTransformer::forward_train`.
+    Gumbel { seed: u64 },
+}
+
+impl Routing {
+    /// The routing of layer `l`: `Gumbel` gets a per-layer seed, the others are unchanged.
+    pub fn for_layer(self, l: usize) -> Self {
+        match self {
+            Routing::Gumbel { seed } => Routing::Gumbel {
+                seed: seed
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(l as u64 + 1),
+            },
+            r => r,
+        }
+    }
 }

@@ -5,13 +5,15 @@
 //! With TDW (`super::tdw`) a head mask slices the q/k/v rows and the attention columns of
 //! `proj_out`, a group mask the `proj_mlp` rows and the MLP columns of `proj_out`.
 
-use super::layers::{attention, gated_residual, gather_rows, ln_modulate, modulation, QkvProj};
+use super::layers::{
+    attention, gated_residual, gather_rows, gelu, ln_modulate, modulation, QkvProj,
+};
 use super::rope::Rope;
 use super::router::{Routing, Selection, TokenRouter};
 use super::tdw::{row_masks, PartSlice, Width, WidthRouters};
 use crate::dynamic::masks::UnitMask;
 use crate::models::block::repeat_units;
-use crate::nn::{ops, Linear};
+use crate::nn::Linear;
 use candle::{DType, Result, Tensor};
 
 #[derive(Debug, Clone)]
@@ -125,6 +127,9 @@ impl SingleBlock {
             (Some(r), Routing::Skip | Routing::DenseMasked) => {
                 r.select(&x.narrow(1, t, n)?, &x.narrow(1, 0, t)?, temb_act)?
             }
+            (Some(r), Routing::Gumbel { seed }) => {
+                r.gate(&x.narrow(1, t, n)?, &x.narrow(1, 0, t)?, temb_act, seed)?
+            }
             _ => Selection::All,
         };
         let group = self.group_size();
@@ -132,7 +137,7 @@ impl SingleBlock {
         let mlp_out = |xn_rows: &Tensor, attn_rows: &Tensor, rows: Option<&[u32]>| match width {
             Width::Sliced { attn: a, mlp: g } if !(a.is_full() && g.is_full()) => {
                 // proj_out on concat(attn, h) = attention columns · attn + MLP columns · h + bias.
-                let h = ops::gelu_tanh(&g.rows[0].forward(xn_rows)?)?;
+                let h = gelu(&g.rows[0].forward(xn_rows)?)?;
                 let ya = Linear::new(a.cols[0].clone(), self.proj_out.bias.clone())
                     .forward(attn_rows)?;
                 ya + Linear::new(g.cols[0].clone(), None).forward(&h)?
@@ -140,12 +145,12 @@ impl SingleBlock {
             Width::Masked { groups, .. } => {
                 let pre = self.proj_mlp.forward(xn_rows)?;
                 let mask = row_masks(groups, group, rows, l, pre.dtype())?;
-                let h = ops::gelu_tanh(&(pre * mask)?)?;
+                let h = gelu(&(pre * mask)?)?;
                 self.proj_out.forward(&Tensor::cat(&[attn_rows, &h], 1)?)
             }
             // Full width (also a slice whose masks are full: the same weights).
             _ => {
-                let h = ops::gelu_tanh(&self.proj_mlp.forward(xn_rows)?)?;
+                let h = gelu(&self.proj_mlp.forward(xn_rows)?)?;
                 self.proj_out.forward(&Tensor::cat(&[attn_rows, &h], 1)?)
             }
         };
@@ -154,7 +159,7 @@ impl SingleBlock {
                 let y = mlp_out(&xn.reshape((b * l, c))?, &attn.reshape((b * l, hd))?, None)?;
                 gated_residual(x, &y, &m[2], None)?
             }
-            (Selection::Rows(_), Routing::DenseMasked) => {
+            (Selection::Rows(_), Routing::DenseMasked) | (Selection::Gated(_), _) => {
                 let y = mlp_out(&xn.reshape((b * l, c))?, &attn.reshape((b * l, hd))?, None)?;
                 // Text rows always on, image rows by the router.
                 let mask = Tensor::cat(
