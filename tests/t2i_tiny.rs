@@ -395,6 +395,29 @@ fn t2i_commands_end_to_end() {
     run_ok(&a);
     let model = base.join("model.safetensors");
     assert!(model.exists());
+    // A training checkpoint samples from its EMA weights, which the exported model holds.
+    let ck = base.join("ckpt/step-0000004.safetensors");
+    let dev = Device::Cpu;
+    let (a, b) = (
+        TinyT2i::load(&ck, &dev).unwrap(),
+        TinyT2i::load(&model, &dev).unwrap(),
+    );
+    assert_eq!(
+        a.flux
+            .x_embedder
+            .weight
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        b.flux
+            .x_embedder
+            .weight
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
     // Resume is exact: 2 steps + resume to 4 equals 4 straight.
     let split = d.join("split");
     let mut a = vec![

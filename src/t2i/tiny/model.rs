@@ -245,12 +245,21 @@ impl TinyT2i {
         })
     }
 
-    /// Loads a checkpoint written by [`save`] (or an exported training run).
+    /// Loads a model file (`OUT/model.safetensors`) or a training checkpoint
+    /// (`OUT/ckpt/step-N.safetensors`, whose EMA weights are used, as for the DiT family).
     pub fn load(path: &Path, dev: &Device) -> anyhow::Result<Self> {
         let ck = crate::io::checkpoint::load(path)?;
         let cfg = config_of(&ck.metadata)
             .with_context(|| format!("{}: not a tiny text-to-image checkpoint", path.display()))?;
-        Self::from_tensors(&cfg, &ck.tensors, dev)
+        let tensors: HashMap<String, Tensor> = if ck.tensors.keys().any(|k| k.starts_with("ema.")) {
+            ck.tensors
+                .iter()
+                .filter_map(|(k, t)| k.strip_prefix("ema.").map(|n| (n.to_string(), t.clone())))
+                .collect()
+        } else {
+            ck.tensors
+        };
+        Self::from_tensors(&cfg, &tensors, dev)
             .with_context(|| format!("loading {}", path.display()))
     }
 
