@@ -10,6 +10,7 @@ pub mod flops_loss;
 pub mod gumbel;
 pub mod objective;
 pub mod optim;
+pub mod order;
 pub mod params;
 pub mod reorder;
 pub mod signal;

@@ -19,7 +19,6 @@ use crate::models::DitConfig;
 use anyhow::Context;
 use candle::{Device, Tensor};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde_json::json;
@@ -73,7 +72,7 @@ pub struct Trainer {
     data: Box<dyn Dataset>,
     objective: Objective,
     flops: Option<FlopsLoss>,
-    perm: (u64, Vec<usize>),
+    order: super::order::EpochOrder,
     log: Option<std::fs::File>,
 }
 
@@ -366,6 +365,7 @@ impl Trainer {
             );
         }
         let class_names = class_names.unwrap_or_else(|| data.class_names());
+        let order = super::order::EpochOrder::new(cfg.seed, data.len());
         Ok(Self {
             cfg,
             params,
@@ -377,7 +377,7 @@ impl Trainer {
             data,
             objective,
             flops,
-            perm: (u64::MAX, vec![]),
+            order,
             log: None,
         })
     }
@@ -390,27 +390,12 @@ impl Trainer {
         self.data.describe()
     }
 
-    /// The dataset order of an epoch: a permutation seeded by (seed, epoch).
-    fn index(&mut self, pos: u64) -> usize {
-        let n = self.data.len() as u64;
-        let epoch = pos / n;
-        if self.perm.0 != epoch {
-            let mut p: Vec<usize> = (0..n as usize).collect();
-            p.shuffle(&mut StdRng::seed_from_u64(mix(
-                self.cfg.seed,
-                0xDA7A ^ epoch,
-            )));
-            self.perm = (epoch, p);
-        }
-        self.perm.1[(pos % n) as usize]
-    }
-
     /// The batch of step `step` and the generator for the rest of its randomness.
     fn batch(&mut self, step: u64) -> anyhow::Result<(Batch, StdRng)> {
         let b = self.cfg.batch_size;
         let mut rng = StdRng::seed_from_u64(mix(self.cfg.seed, step));
         let idx: Vec<usize> = (0..b as u64)
-            .map(|i| self.index(step * b as u64 + i))
+            .map(|i| self.order.index(step * b as u64 + i))
             .collect();
         let flips: Vec<bool> = (0..b)
             .map(|_| self.cfg.flip && rng.random_bool(0.5))

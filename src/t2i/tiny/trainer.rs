@@ -27,7 +27,6 @@ use crate::train::trainer::mix;
 use anyhow::Context;
 use candle::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
@@ -114,7 +113,7 @@ pub struct T2iTrainer {
     ema: Ema,
     pub state: TrainState,
     data: IdxDataset,
-    perm: (u64, Vec<usize>),
+    order: crate::train::order::EpochOrder,
     flops: Option<FluxFlopsLoss>,
     log: Option<std::fs::File>,
     dev: Device,
@@ -192,6 +191,7 @@ impl T2iTrainer {
                 true,
             ))
         });
+        let order = crate::train::order::EpochOrder::new(cfg.seed, data.len());
         Ok(Self {
             cfg,
             model_cfg,
@@ -201,7 +201,7 @@ impl T2iTrainer {
             ema,
             state: TrainState::default(),
             data,
-            perm: (u64::MAX, vec![]),
+            order,
             flops,
             log: None,
             dev,
@@ -314,20 +314,6 @@ impl T2iTrainer {
         self.data.describe()
     }
 
-    fn index(&mut self, pos: u64) -> usize {
-        let n = self.data.len() as u64;
-        let epoch = pos / n;
-        if self.perm.0 != epoch {
-            let mut p: Vec<usize> = (0..n as usize).collect();
-            p.shuffle(&mut StdRng::seed_from_u64(mix(
-                self.cfg.seed,
-                0xDA7A ^ epoch,
-            )));
-            self.perm = (epoch, p);
-        }
-        self.perm.1[(pos % n) as usize]
-    }
-
     /// The model on the current variables (autograd-connected).
     fn model(&self) -> anyhow::Result<TinyT2i> {
         let map: HashMap<String, Tensor> = self
@@ -345,7 +331,7 @@ impl T2iTrainer {
         let b = self.cfg.batch_size;
         let mut rng = StdRng::seed_from_u64(mix(self.cfg.seed, step));
         let idx: Vec<usize> = (0..b as u64)
-            .map(|i| self.index(step * b as u64 + i))
+            .map(|i| self.order.index(step * b as u64 + i))
             .collect();
         let mc = &self.model_cfg;
         let per = mc.channels * mc.image_size * mc.image_size;
