@@ -3,6 +3,7 @@
 `dydit bench` (same presets, batch sizes, warm-up and median). Not part of the test suite.
 
 Usage:  python3 scripts/bench_pytorch.py --model DiT-S/2,DiT-XL/2 --batch 2,8 [--dtype bf16] [--json]
+        python3 scripts/bench_pytorch.py --device cuda ...   # forward on the GPU, like a CUDA `dydit bench`
         python3 scripts/bench_pytorch.py --train --model small,DiT-S/2 --batch 8   # like `dydit bench --train`
 
 `--train` times one DiT training iteration as `dydit bench --train` does ("dit" mode): forward +
@@ -68,7 +69,7 @@ class DiT(nn.Module):
     def forward(self, x, t, y):
         x = self.x_embed(x).flatten(2).transpose(1, 2) + self.pos
         half = 128
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         tf = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(x.dtype)
         c = self.t2(F.silu(self.t1(tf))) + self.y(y)
@@ -135,6 +136,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
@@ -143,20 +145,25 @@ def main():
     for name in a.model.split(","):
         size, p = name.split("-")[1].split("/")
         depth, c, h = SIZES[size]
-        m = DiT(depth, c, h, int(p)).eval()
+        dev = torch.device(a.device)
+        m = DiT(depth, c, h, int(p)).eval().to(dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         for b in [int(x) for x in a.batch.split(",")]:
-            x = torch.randn(b, 4, 32, 32)
-            t = torch.randint(0, 1000, (b,))
-            y = torch.randint(0, 1000, (b,))
+            x = torch.randn(b, 4, 32, 32, device=dev)
+            t = torch.randint(0, 1000, (b,), device=dev)
+            y = torch.randint(0, 1000, (b,), device=dev)
             times = []
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
                 for i in range(a.warmup + a.runs):
+                    sync()
                     t0 = time.perf_counter()
                     m(x, t, y)
+                    sync()
                     if i >= a.warmup:
                         times.append((time.perf_counter() - t0) * 1e3)
             ms = statistics.median(times)
-            rec = {"model": name, "batch": b, "dtype": a.dtype, "forward_ms": ms, "impl": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads()}
+            rec = {"model": name, "batch": b, "dtype": a.dtype, "forward_ms": ms, "impl": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
             print(json.dumps(rec) if a.json else f"{name:<10} {b:>5} {ms:>12.1f}  (PyTorch {torch.__version__}, {a.dtype}, {torch.get_num_threads()} threads)")
 
 

@@ -1,12 +1,14 @@
 //! The models shipped in the binary: `dydit sample` with no flags works on a fresh machine, the
 //! bundled names work wherever a checkpoint is accepted, and `bench --ckpt` times them.
+mod common;
+use common::SpawnRetry;
 
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dydit"))
         .args(args)
-        .output()
+        .output_retry()
         .expect("run dydit")
 }
 
@@ -25,7 +27,7 @@ fn sample_without_flags_uses_the_bundled_dydit() {
     let o = Command::new(env!("CARGO_BIN_EXE_dydit"))
         .current_dir(dir.path())
         .args(["sample", "--num-steps", "4"])
-        .output()
+        .output_retry()
         .unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");

@@ -1,5 +1,7 @@
 //! The `dydit` binary end to end: happy paths on tiny golden models, and every kind of bad input
 //! giving one clear error line, a non-zero exit, no panic and no partial output file.
+mod common;
+use common::SpawnRetry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,7 +15,7 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run dydit")
+    bin().args(args).output_retry().expect("run dydit")
 }
 
 /// Fails clearly: non-zero exit, first stderr line `error: …` mentioning `needle`, no panic.
@@ -437,7 +439,7 @@ fn npz_shards_merge_to_the_unsharded_file() {
             npz.into(),
         ];
         v.extend(extra.iter().map(|s| s.to_string()));
-        let o = bin().args(&v).output().unwrap();
+        let o = bin().args(&v).output_retry().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     base(&p("all.npz"), &[]);

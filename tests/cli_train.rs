@@ -1,6 +1,8 @@
 //! `dydit train` / `finetune` / `prepare-latents` end to end on tiny data: the whole pipeline
 //! (train → fine-tune with reordering → sample), config files with flag overrides, Ctrl-C with
 //! a saved checkpoint and an exact resume, and bad input giving one clear error.
+mod common;
+use common::SpawnRetry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -10,7 +12,7 @@ fn bin() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run dydit")
+    bin().args(args).output_retry().expect("run dydit")
 }
 
 fn ok(o: &Output) -> String {
@@ -335,7 +337,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
         .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_retry()
         .unwrap();
     // Wait for a few logged steps, then interrupt.
     let log = run_dir.join("log.jsonl");

@@ -1,6 +1,8 @@
 //! FID: the Fréchet distance and its statistics against the golden file (always), the symmetric
 //! eigen-solver, and — when `scripts/setup-fid.sh` has produced the weights — the TF-Inception
 //! features against the golden file, the CPU fast path against the candle-op path, and the CLI.
+mod common;
+use common::SpawnRetry;
 
 use candle::{Device, Tensor};
 use dydit::eval::fid::{
@@ -460,7 +462,7 @@ fn cli_fid_on_idx_and_png_sets() {
     let bin = env!("CARGO_BIN_EXE_dydit");
     let help = std::process::Command::new(bin)
         .args(["fid", "--help"])
-        .output()
+        .output_retry()
         .unwrap();
     if String::from_utf8_lossy(&help.stderr).contains("unrecognized subcommand") {
         eprintln!("note: `dydit fid` is not registered in src/cli/mod.rs yet; skipping");
@@ -475,7 +477,7 @@ fn cli_fid_on_idx_and_png_sets() {
             .arg("--fake")
             .arg(dir.path().join("fake"))
             .args(extra)
-            .output()
+            .output_retry()
             .unwrap();
         assert!(
             out.status.success(),
@@ -506,7 +508,7 @@ fn cli_fid_on_idx_and_png_sets() {
         .arg(&stats)
         .arg("--fake")
         .arg(&npz)
-        .output()
+        .output_retry()
         .unwrap();
     assert!(
         out.status.success(),
@@ -526,7 +528,7 @@ fn cli_fid_on_idx_and_png_sets() {
         .arg(dir.path().join("fake"))
         .arg("--weights")
         .arg(&w)
-        .output()
+        .output_retry()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/set"));

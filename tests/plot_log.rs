@@ -1,5 +1,7 @@
 //! `dydit plot-log` end to end: a DyDiT log with a resume and a half-written last line, a DiT
 //! log without FLOPs keys, and clean one-line errors (no panic, no output file) on bad input.
+mod common;
+use common::SpawnRetry;
 
 use dydit::viz::curves::{image_height, WIDTH};
 use std::path::Path;
@@ -9,7 +11,7 @@ fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dydit"))
         .arg("plot-log")
         .args(args)
-        .output()
+        .output_retry()
         .expect("run dydit")
 }
 

@@ -2,6 +2,8 @@
 //! through `dydit sample`, a DySiT's mask table covers every time a fixed grid evaluates, the
 //! dynamic engine computes the static function when every router is on, and bad flags fail with
 //! one clean error line.
+mod common;
+use common::SpawnRetry;
 
 use candle::{DType, Device, Tensor};
 use dydit::diffusion::noise::SeededNoise;
@@ -72,7 +74,7 @@ fn write_ckpt(dir: &Path, name: &str, t: &HashMap<String, Tensor>) -> PathBuf {
 fn run(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dydit"))
         .args(args)
-        .output()
+        .output_retry()
         .expect("run dydit")
 }
 

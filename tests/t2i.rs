@@ -2,6 +2,8 @@
 //! width routers, T5 encoder, CLIP text model, FLUX autoencoder, WordLevel tokenizers): the CLI
 //! end to end, latent packing, the sampling grid the loop visits, the reported savings and the
 //! errors for missing or mismatched files.
+mod common;
+use common::SpawnRetry;
 
 use candle::{DType, Device, IndexOp, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -256,7 +258,7 @@ impl Fixture {
 fn run(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dydit"))
         .args(args)
-        .output()
+        .output_retry()
         .expect("run dydit")
 }
 

@@ -4,6 +4,7 @@
 //! end to end (train → Dy fine-tune → resume → sample → classify → bench) with clear errors.
 
 mod common;
+use common::SpawnRetry;
 
 use candle::{DType, Device, Tensor, Var};
 use dydit::models::flux::{FluxFlops, FluxFlopsLoss, FluxSliceCache, Routing};
@@ -333,14 +334,14 @@ fn bin() -> Command {
 }
 
 fn run_ok(args: &[&str]) -> String {
-    let o = bin().args(args).output().unwrap();
+    let o = bin().args(args).output_retry().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{args:?} failed: {err}");
     String::from_utf8_lossy(&o.stdout).into_owned() + &err
 }
 
 fn run_err(args: &[&str], needle: &str) {
-    let o = bin().args(args).output().unwrap();
+    let o = bin().args(args).output_retry().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{args:?} should fail");
     assert!(!err.contains("panicked"), "panic: {err}");

@@ -124,7 +124,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "machine: {} threads, dtype {}, GEMM {}, warm-up {}, median of {}",
             threads,
             a.dtype,
-            crate::nn::blas::backend(),
+            super::common::gemm_backend(&dev),
             a.warmup,
             a.runs
         );
@@ -164,7 +164,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     "{}",
                     serde_json::json!({"model": name, "batch": b, "dtype": a.dtype, "forward_ms": ms,
                         "runs": a.runs, "threads": threads, "peak_rss_mib": peak,
-                        "blas": crate::nn::blas::backend()})
+                        "blas": super::common::gemm_backend(&dev)})
                 );
             } else {
                 println!(
@@ -217,7 +217,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
         println!(
             "machine: {threads} threads, dtype {}, GEMM {}, target ratio {}, token fraction {}, {} timesteps x median of {} rounds",
             a.dtype,
-            crate::nn::blas::backend(),
+            super::common::gemm_backend(&dev),
             a.target_ratio,
             a.token_fraction,
             a.timesteps,
@@ -307,7 +307,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
                         "flops_ratio": ratio, "speedup": speedup, "efficiency": speedup * ratio,
                         "target_ratio": a.target_ratio, "token_fraction": a.token_fraction,
                         "router_offset": a.router_offset, "timesteps": a.timesteps, "runs": a.runs,
-                        "threads": threads, "peak_rss_mib": peak, "blas": crate::nn::blas::backend(),
+                        "threads": threads, "peak_rss_mib": peak, "blas": super::common::gemm_backend(&dev),
                         "slice_cache_mib": dy.cache.used_bytes() as f64 / 1048576.0})
                 );
             } else {

@@ -43,6 +43,15 @@ pub fn device(cpu: bool) -> anyhow::Result<Device> {
     Ok(Device::Cpu)
 }
 
+/// The GEMM behind the matmuls on `dev`, for benchmark headers and JSON.
+pub fn gemm_backend(dev: &Device) -> &'static str {
+    if dev.is_cuda() {
+        "cuBLAS (candle CUDA backend)"
+    } else {
+        crate::nn::blas::backend()
+    }
+}
+
 pub fn dtype(s: &str) -> DType {
     match s {
         "bf16" => DType::BF16,

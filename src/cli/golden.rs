@@ -1,6 +1,6 @@
 //! `dydit golden FILE...`: one PASS/FAIL line per file; exit 0 only if every file passes.
 
-use crate::golden::{run_file_in, supported_kinds};
+use crate::golden::{run_file_on, supported_kinds};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -21,12 +21,19 @@ pub struct Args {
     /// max-normalised tolerance; kinds other than the forwards are then skipped or failed).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     dtype: String,
+    /// Run on the CPU even when built with CUDA (a CUDA build checks on the GPU by default).
+    #[arg(long)]
+    cpu: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let mut ok = true;
+    let device = super::common::device(a.cpu)?;
+    if !device.is_cpu() {
+        eprintln!("running the golden checks on {device:?}");
+    }
     for f in &a.files {
-        let o = run_file_in(f, super::common::dtype(&a.dtype));
+        let o = run_file_on(f, super::common::dtype(&a.dtype), &device);
         if a.json {
             println!("{}", serde_json::to_string(&o)?);
         }

@@ -55,7 +55,8 @@ impl AttnWeights {
             return Ok(Self::full(qkv, proj, mask.len()));
         }
         let per = 3 * head_dim;
-        if let Some((start, len)) = mask.contiguous_run() {
+        if let Some((start, len)) = run_of(mask) {
+            let (proj_w, view) = column_run(&proj.weight, start * head_dim, len * head_dim)?;
             return Ok(Self {
                 qkv: Linear::new(
                     qkv.weight.narrow(0, start * per, len * per)?,
@@ -64,10 +65,10 @@ impl AttnWeights {
                         .map(|b| b.narrow(0, start * per, len * per))
                         .transpose()?,
                 ),
-                proj_w: proj.weight.narrow(1, start * head_dim, len * head_dim)?,
+                proj_w,
                 proj_b: proj.bias.clone(),
                 heads: len,
-                shared: true,
+                shared: view,
             });
         }
         let active = mask.active();
@@ -119,7 +120,8 @@ impl MlpWeights {
             return Ok(Self::full(fc1, fc2, mask.len()));
         }
         let size = fc1.out_features() / mask.len();
-        if let Some((start, len)) = mask.contiguous_run() {
+        if let Some((start, len)) = run_of(mask) {
+            let (fc2_w, view) = column_run(&fc2.weight, start * size, len * size)?;
             return Ok(Self {
                 fc1: Linear::new(
                     fc1.weight.narrow(0, start * size, len * size)?,
@@ -128,10 +130,10 @@ impl MlpWeights {
                         .map(|b| b.narrow(0, start * size, len * size))
                         .transpose()?,
                 ),
-                fc2_w: fc2.weight.narrow(1, start * size, len * size)?,
+                fc2_w,
                 fc2_b: fc2.bias.clone(),
                 groups: len,
-                shared: true,
+                shared: view,
             });
         }
         let idx: Vec<u32> = mask
@@ -158,6 +160,28 @@ impl MlpWeights {
 
     fn bytes(&self) -> usize {
         bytes(&self.fc1.weight) + self.fc1.bias.as_ref().map_or(0, bytes) + bytes(&self.fc2_w)
+    }
+}
+
+/// A mask's single run of active units `(start, len)`; no unit at all is the empty run (an
+/// empty view: candle's CUDA backend cannot launch an index kernel over zero indices).
+fn run_of(mask: UnitMask) -> Option<(usize, usize)> {
+    if mask.count() == 0 {
+        Some((0, 0))
+    } else {
+        mask.contiguous_run()
+    }
+}
+
+/// Columns `start..start + len` of `w` and whether that is a view. On the CPU our GEMMs read the
+/// strided view in place; cuBLAS (through candle) needs whole or whole-transposed matrices, so on
+/// other devices the run is copied once and cached like any other slice.
+fn column_run(w: &Tensor, start: usize, len: usize) -> Result<(Tensor, bool)> {
+    let v = w.narrow(1, start, len)?;
+    if w.device().is_cpu() || len == 0 || len == w.dim(1)? {
+        Ok((v, true))
+    } else {
+        Ok((v.contiguous()?, false))
     }
 }
 

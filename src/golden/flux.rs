@@ -4,12 +4,11 @@
 use super::kinds::times;
 use super::{compare, Check, GoldenFile};
 use crate::models::flux::{FluxConfig, FluxInput, FluxTransformer, Routing};
-use candle::Device;
 
 pub fn dyflux_forward(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
     let model_cfg = &g.config["model"];
     let cfg = FluxConfig::from_golden_json(model_cfg)?;
-    let m = FluxTransformer::from_tensors(&cfg, &g.model_tensors(), g.dtype, &Device::Cpu)?;
+    let m = FluxTransformer::from_tensors(&cfg, &g.model_tensors(), g.dtype, &g.device)?;
     if model_cfg["do_token_select"].as_bool().unwrap_or(true) {
         anyhow::ensure!(m.has_routers(), "model tensors have no DyFLUX routers");
     }

@@ -42,23 +42,21 @@ pub fn run(g: &GoldenFile) -> anyhow::Result<Vec<Check>> {
         "dydit_flops_loss" => flops_loss(g),
         "fid_inception" => crate::eval::golden::fid_inception(g),
         "frechet_distance" => crate::eval::golden::frechet_distance(g),
-        "vae_decode" => Ok(
-            crate::vae::golden_check(&g.tensors, &g.config, &Device::Cpu)?
-                .into_iter()
-                .map(|(name, err)| Check {
-                    tol: g.tolerance_for(&name),
-                    name,
-                    err,
-                })
-                .collect(),
-        ),
+        "vae_decode" => Ok(crate::vae::golden_check(&g.tensors, &g.config, &g.device)?
+            .into_iter()
+            .map(|(name, err)| Check {
+                tol: g.tolerance_for(&name),
+                name,
+                err,
+            })
+            .collect()),
         k => anyhow::bail!("unsupported kind {k}"),
     }
 }
 
 pub(super) fn model(g: &GoldenFile) -> anyhow::Result<Dit> {
     let cfg = DitConfig::from_golden_json(&g.config["model"])?;
-    build(&cfg, &g.model_tensors(), g.dtype, &Device::Cpu)
+    build(&cfg, &g.model_tensors(), g.dtype, &g.device)
 }
 
 pub(super) fn labels(t: &Tensor) -> anyhow::Result<Vec<u32>> {

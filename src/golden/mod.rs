@@ -21,6 +21,8 @@ pub struct GoldenFile {
     /// The dtype the model runs in: f32 (the files' own precision) or a reduced one, checked
     /// against the same f32 expectations at [`REDUCED_TOLERANCE`].
     pub dtype: DType,
+    /// Where the model runs (the file's tensors are loaded there); comparisons happen on the CPU.
+    pub device: Device,
 }
 
 /// Max-normalised error allowed when a forward kind runs in bf16/f16 against the f32 goldens
@@ -71,6 +73,24 @@ impl GoldenFile {
             tolerance,
             tensors,
             dtype: DType::F32,
+            device: Device::Cpu,
+        })
+    }
+
+    /// The same file with its tensors on `device`.
+    pub fn to_device(self, device: &Device) -> anyhow::Result<Self> {
+        if device.same_device(&self.device) {
+            return Ok(self);
+        }
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .collect::<candle::Result<_>>()?;
+        Ok(Self {
+            tensors,
+            device: device.clone(),
+            ..self
         })
     }
 
@@ -189,8 +209,13 @@ pub fn run_file(path: &Path) -> Outcome {
 
 /// Runs one golden file with the model in `dtype` (f32, or bf16/f16 for [`REDUCED_KINDS`]).
 pub fn run_file_in(path: &Path, dtype: DType) -> Outcome {
+    run_file_on(path, dtype, &Device::Cpu)
+}
+
+/// Runs one golden file with the model in `dtype` on `device` (CUDA when built with it).
+pub fn run_file_on(path: &Path, dtype: DType, device: &Device) -> Outcome {
     let file = path.display().to_string();
-    let g = match GoldenFile::load(path) {
+    let g = match GoldenFile::load(path).and_then(|g| g.to_device(device)) {
         Ok(g) => GoldenFile { dtype, ..g },
         Err(e) => {
             return Outcome {
@@ -259,7 +284,8 @@ pub fn compare(g: &GoldenFile, name: &str, got: &Tensor) -> anyhow::Result<Check
     if g.dtype != DType::F32 {
         tol = tol.map(|t| t.max(REDUCED_TOLERANCE));
     }
-    let got = &got.to_dtype(DType::F32)?;
+    let got = &got.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let expect = &expect.to_device(&Device::Cpu)?;
     let err = if tol.is_none() {
         // Exact: absolute max difference (0 means bit-identical values).
         let a = got.to_dtype(candle::DType::F64)?.flatten_all()?;

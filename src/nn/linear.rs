@@ -65,12 +65,14 @@ impl Linear {
                 }
             }
             Path::Composite => {
-                // candle's MKL matmul takes only whole (or whole transposed) matrices: a
-                // column-sliced weight view (TDW on this composite path) is copied first.
+                // candle's MKL and cuBLAS matmuls take only whole (or whole transposed)
+                // matrices: a column-sliced weight view (TDW on this path) is copied first.
                 // Reduced-precision weights in an f32 activation stream (autocast) multiply in
                 // the weights' dtype; the result returns to the input's, where the bias stays in
                 // full precision.
-                let w = if cfg!(feature = "mkl") && !self.weight.is_contiguous() {
+                let w = if (cfg!(feature = "mkl") || !self.weight.device().is_cpu())
+                    && !self.weight.is_contiguous()
+                {
                     self.weight.contiguous()?
                 } else {
                     self.weight.clone()
