@@ -420,12 +420,12 @@ pub fn gated_residual(
         None => x + upd.reshape((b, n, c))?.broadcast_mul(&gate.unsqueeze(1)?)?,
         Some(rows) => {
             let dev = x.device();
-            let idx = Tensor::from_slice(rows, rows.len(), dev)?;
             let smp: Vec<u32> = rows.iter().map(|&r| r / n as u32).collect();
             let smp = Tensor::from_slice(&smp, smp.len(), dev)?;
             let g = (upd * gate.index_select(&smp, 0)?)?;
             let flat = x.reshape((b * n, c))?;
             if dev.is_cpu() {
+                let idx = Tensor::from_slice(rows, rows.len(), dev)?;
                 flat.index_add(&idx, &g, 0)?.reshape((b, n, c))
             } else {
                 (flat + scatter_rows_dense(&g, rows, b * n)?)?.reshape((b, n, c))
