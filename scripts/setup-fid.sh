@@ -10,7 +10,9 @@
 #
 # Usage: scripts/setup-fid.sh [CACHE_DIR]        (default: <repo>/weights, git-ignored)
 # Environment:
-#   DYDIT_BIN   dydit binary to run the conversion with (default: `cargo run --release`)
+#   DYDIT_BIN   dydit binary to run the conversion with (default: target/release/dydit when it
+#               has been built — the README builds it first, with its features — else
+#               `cargo run --release`, which would build the portable binary over it)
 #   FORCE=1     convert again even if the output exists
 # Result: CACHE_DIR/fid_inception.safetensors (found by default when CACHE_DIR is <repo>/weights;
 # otherwise point DYDIT_FID_WEIGHTS at it).
@@ -68,6 +70,10 @@ if [ -f "$OUT" ] && [ "$OUT" -nt "$PT" ] && [ "${FORCE:-0}" != "1" ]; then
     exit 0
 fi
 
+BUILT="$REPO_ROOT/target/release/dydit"
+if [ -z "${DYDIT_BIN:-}" ] && [ -x "$BUILT" ]; then
+    DYDIT_BIN=$BUILT
+fi
 if [ -n "${DYDIT_BIN:-}" ]; then
     "$DYDIT_BIN" convert-fid "$PT" "$OUT"
 else
