@@ -21,8 +21,8 @@ FT_BATCH=${FT_BATCH:-32}
 FID_N=${FID_N:-2000}
 FID_STEPS=${FID_STEPS:-50}
 LAMBDAS=${LAMBDAS:-"0.7 0.5 0.3"}
-# The SiT of the README was stopped at 2134 iterations (session time), not PRE_STEPS.
-SIT_STEPS=${SIT_STEPS:-2134}
+# The SiT gets the DiT's pre-training length (the first run stopped at 2134 for session time).
+SIT_STEPS=${SIT_STEPS:-4500}
 LATTE_STEPS=${LATTE_STEPS:-2527}  # stopped at 2527 for session time
 VID_N=${VID_N:-200}
 VID_STEPS=${VID_STEPS:-25}
@@ -179,13 +179,14 @@ $(grep -o '([0-9.]* M [a-z -]*parameters' "$R/probe-$m.out")" | tee -a "$R/eval/
 }
 
 # FID-10k in pieces that survive across sessions: each model's 10k samples (the eval protocol:
-# DDPM-50, cfg 1.5, seed 0, balanced classes, noise seeded by the global sample index) as
+# DDPM-50 — for a SiT/DySiT (NAME containing "sit") Heun on 26 grid points, the same 50 network
+# calls — cfg 1.5, seed 0, balanced classes, noise seeded by the global sample index) as
 # FID10K_SHARDS `.npz` shards (each written atomically; existing ones are skipped), joined by
 # merge-npz and scored by `dydit fid` against the cached test-split statistics.
 # FID10K_MODELS: space-separated NAME=CKPT[+ADAPTER]. FID_DYDIT: the binary for the Inception
 # pass (the MKL build's is faster there).
 FID10K_SHARDS=${FID10K_SHARDS:-8}
-FID10K_MODELS=${FID10K_MODELS:-"dydit-0.5=$R/fmnist-dydit-0.5/model.safetensors dydit-0.5-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-lora/adapter.safetensors dydit-0.5-td-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-td-lora/adapter.safetensors dit=$R/fmnist-dit/model.safetensors dydit-0.7=$R/fmnist-dydit-0.7/model.safetensors dydit-0.3=$R/fmnist-dydit-0.3/model.safetensors"}
+FID10K_MODELS=${FID10K_MODELS:-"dydit-0.5=$R/fmnist-dydit-0.5/model.safetensors dydit-0.5-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-lora/adapter.safetensors dydit-0.5-td-lora=$R/fmnist-dit/model.safetensors+$R/fmnist-dydit-0.5-td-lora/adapter.safetensors dit=$R/fmnist-dit/model.safetensors dydit-0.7=$R/fmnist-dydit-0.7/model.safetensors dydit-0.3=$R/fmnist-dydit-0.3/model.safetensors sit=$R/fmnist-sit/model.safetensors dysit-0.5=$R/fmnist-dysit-0.5/model.safetensors"}
 fid10k() {
     local dir="$R/fid10k"
     mkdir -p "$dir"
@@ -194,14 +195,15 @@ fid10k() {
         local ckpt=${spec%%+*} ad=()
         [ "$spec" != "$ckpt" ] && ad=(--adapter "${spec#*+}")
         [ -f "$dir/$name.json" ] && continue
+        local steps=(--num-steps "$FID_STEPS" --sampler ddpm)
+        case "$name" in *sit*) steps=(--num-steps 26 --method heun) ;; esac
         local parts=()
         for ((i = 0; i < FID10K_SHARDS; i++)); do
             local part="$dir/$name.part$i-of-$FID10K_SHARDS.npz"
             parts+=("$part")
             [ -f "$part" ] && continue
             "$D" sample --ckpt "$ckpt" "${ad[@]}" --npz "$part" --num-samples 10000 \
-                --shard "$i/$FID10K_SHARDS" --num-steps "$FID_STEPS" --sampler ddpm \
-                --cfg-scale 1.5 --seed 0 --batch-size 40
+                --shard "$i/$FID10K_SHARDS" "${steps[@]}" --cfg-scale 1.5 --seed 0 --batch-size 40
         done
         "$D" merge-npz "${parts[@]}" --out "$dir/$name.npz" --expect 10000
         "${FID_DYDIT:-$D}" fid --real weights/fid_stats_fashion_test.safetensors --fake "$dir/$name.npz" \

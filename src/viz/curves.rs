@@ -396,7 +396,11 @@ fn series(log: &TrainLog, f: impl Fn(&StepRecord) -> Option<f64>) -> Vec<(f64, f
 fn loss_panel(c: &mut Canvas, log: &TrainLog, area: Area, x: &Axis) {
     let loss = series(log, |r| r.loss);
     let mse = series(log, |r| r.mse);
-    let vb = series(log, |r| r.vb);
+    // A flow-matching (SiT) or fixed-variance run logs vb = 0 throughout: no curve for it.
+    let mut vb = series(log, |r| r.vb);
+    if vb.iter().all(|p| p.1 == 0.0) {
+        vb.clear();
+    }
     let all = loss.iter().chain(&mse).chain(&vb).map(|p| p.1);
     let Some(y) = Axis::auto(all) else {
         empty_panel(c, area, x, "loss", "no loss values");
@@ -1075,6 +1079,21 @@ mod tests {
                 p != crate::viz::canvas::WHITE && p != GRID
             })
             .count()
+    }
+
+    #[test]
+    fn a_log_without_a_vb_term_draws_no_vb_curve() {
+        let text: String = (1..=50)
+            .map(|i| {
+                step_line(i * 10, 1.0 / i as f64).replace("\"vb\":", "\"vb\":0.0,\"x\":") + "\n"
+            })
+            .collect();
+        let log = parse_log(&text).unwrap();
+        assert!(log.steps.iter().all(|r| r.vb == Some(0.0)));
+        let img = training_curves(&log, "SiT");
+        let a = plot_area(0);
+        assert!(count(&img, a, MSE) > 100);
+        assert_eq!(count(&img, a, VB), 0);
     }
 
     #[test]
