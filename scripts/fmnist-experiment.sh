@@ -35,16 +35,11 @@ PROTO=(--num-samples "$FID_N" --num-steps "$FID_STEPS" --sampler ddpm --cfg-scal
        --batch-size 40)
 
 [ -x "$D" ] || cargo build --release
+# shellcheck source=scripts/fmnist-recipes.sh
+source scripts/fmnist-recipes.sh
 
 pretrain() {
-    [ -f "$R/fmnist-dit/model.safetensors" ] && return
-    if [ -d "$R/fmnist-dit/ckpt" ]; then
-        "$D" train --resume --out "$R/fmnist-dit" --steps "$PRE_STEPS"
-    else
-        "$D" train "${DATA[@]}" --model custom --patch-size 4 --hidden-size 192 --depth 6 \
-            --num-heads 6 --batch-size 64 --lr 3e-4 --ema-decay 0.999 --steps "$PRE_STEPS" \
-            --ckpt-every 250 --log-every 25 --seed 1 --out "$R/fmnist-dit"
-    fi
+    pretrain_run "$R/fmnist-dit" "$PRE_STEPS" 25
 }
 
 finetune() {
@@ -99,15 +94,7 @@ pictures() {
 # points (50 network calls, as DDPM-50) so that the rows compare.
 sit() {
     local s="$R/fmnist-sit" ds="$R/fmnist-dysit-0.5"
-    if [ ! -f "$s/model.safetensors" ]; then
-        if [ -d "$s/ckpt" ]; then
-            "$D" train --resume --out "$s" --steps "$SIT_STEPS"
-        else
-            "$D" train "${DATA[@]}" --family SiT --model custom --patch-size 4 --hidden-size 192 \
-                --depth 6 --num-heads 6 --batch-size 64 --lr 3e-4 --ema-decay 0.999 \
-                --steps "$SIT_STEPS" --ckpt-every 250 --log-every 25 --seed 1 --out "$s"
-        fi
-    fi
+    pretrain_run "$s" "$SIT_STEPS" 25 --family SiT
     if [ -d "$ds/ckpt" ] && [ ! -f "$ds/model.safetensors" ]; then
         "$D" finetune --resume --out "$ds"
     elif [ ! -f "$ds/model.safetensors" ]; then

@@ -32,6 +32,8 @@ SAMPLE_BATCH=${SAMPLE_BATCH:-400}
 DATA=(--data "$F/train-images-idx3-ubyte.gz" --pad-to 32)
 FT=(--steps "$FT_STEPS" --batch-size 32 --lr 1e-4 --router-lr 1e-3 --warmup-steps 200
     --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 --log-every 50 --seed 2)
+# shellcheck source=scripts/fmnist-recipes.sh
+source scripts/fmnist-recipes.sh
 step() { echo "== $* ($(date +%T))"; }
 
 # The CUDA 13 libraries: the system toolkit's or a PyTorch cu13 install's.
@@ -54,16 +56,8 @@ train() {
     finetune fmnist-dydit-0.7 fmnist-dit 0.7 "${DATA[@]}"
     finetune fmnist-dydit-0.3 fmnist-dit 0.3 "${DATA[@]}"
     local s="$R/fmnist-sit"
-    if [ ! -f "$s/model.safetensors" ]; then
-        step "pre-train SiT ($SIT_STEPS it.)"
-        if [ -d "$s/ckpt" ]; then
-            "$D" train --resume --out "$s" --steps "$SIT_STEPS"
-        else
-            "$D" train "${DATA[@]}" --family SiT --model custom --patch-size 4 --hidden-size 192 \
-                --depth 6 --num-heads 6 --batch-size 64 --lr 3e-4 --ema-decay 0.999 \
-                --steps "$SIT_STEPS" --ckpt-every 250 --log-every 100 --seed 1 --out "$s"
-        fi
-    fi
+    [ -f "$s/model.safetensors" ] || step "pre-train SiT ($SIT_STEPS it.)"
+    pretrain_run "$s" "$SIT_STEPS" 100 --family SiT
     [ -f "$s/model.safetensors" ] &&
         finetune fmnist-dysit-0.5 "$s/model.safetensors" 0.5 "${DATA[@]}"
 }
