@@ -23,10 +23,10 @@ FID_STEPS=${FID_STEPS:-50}
 LAMBDAS=${LAMBDAS:-"0.7 0.5 0.3"}
 # The SiT gets the DiT's pre-training length (the first run stopped at 2134 for session time).
 SIT_STEPS=${SIT_STEPS:-4500}
-LATTE_STEPS=${LATTE_STEPS:-2527}  # stopped at 2527 for session time
-VID_N=${VID_N:-200}
-VID_STEPS=${VID_STEPS:-25}
-LATTE_FT_STEPS=${LATTE_FT_STEPS:-302}  # the 500-step schedule, stopped at 302
+LATTE_STEPS=${LATTE_STEPS:-4000}
+VID_N=${VID_N:-500}
+VID_STEPS=${VID_STEPS:-50}
+LATTE_FT_STEPS=${LATTE_FT_STEPS:-500}
 DATA=(--data "$F/train-images-idx3-ubyte.gz" --pad-to 32)
 # One sampling protocol for every row: DDPM with 50 respaced steps, cfg 1.5, seed 0, classes
 # balanced, FID_N samples (2000 for the README table; 10000 is the FID-10k), FID
@@ -210,7 +210,7 @@ latte() {
             "$D" train --resume --out "$l" --steps "$LATTE_STEPS"
         else
             "$D" train "${clips[@]}" --model custom --patch-size 4 --hidden-size 128 --depth 4 \
-                --num-heads 4 --batch-size 8 --lr 3e-4 --ema-decay 0.999 --steps "$LATTE_STEPS" \
+                --num-heads 4 --batch-size 32 --lr 5e-4 --ema-decay 0.999 --steps "$LATTE_STEPS" \
                 --ckpt-every 250 --log-every 25 --seed 1 --out "$l"
         fi
     fi
@@ -218,7 +218,7 @@ latte() {
         "$D" finetune --resume --out "$dl" --steps "$LATTE_FT_STEPS"
     elif [ ! -f "$dl/model.safetensors" ]; then
         "$D" finetune --from "$l/model.safetensors" --target-ratio 0.5 "${clips[@]}" \
-            --steps "$LATTE_FT_STEPS" --complete-model-steps 75 --batch-size 8 --lr 1e-4 \
+            --steps "$LATTE_FT_STEPS" --batch-size 32 --lr 1e-4 \
             --router-lr 1e-3 --warmup-steps 200 \
             --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 --log-every 10 --seed 2 \
             --out "$dl"
