@@ -204,20 +204,11 @@ fid10k() {
 # VID_N moving test clips.
 latte() {
     local l="$R/fmnist-latte" dl="$R/fmnist-dylatte-0.5"
-    local clips=(--data "$F/train-images-idx3-ubyte.gz" --moving-frames 16 --moving-item 16 --pad-to 32)
-    if [ ! -f "$l/model.safetensors" ]; then
-        if [ -d "$l/ckpt" ]; then
-            "$D" train --resume --out "$l" --steps "$LATTE_STEPS"
-        else
-            "$D" train "${clips[@]}" --model custom --patch-size 4 --hidden-size 128 --depth 4 \
-                --num-heads 4 --batch-size 32 --lr 5e-4 --ema-decay 0.999 --steps "$LATTE_STEPS" \
-                --ckpt-every 250 --log-every 25 --seed 1 --out "$l"
-        fi
-    fi
+    latte_pretrain_run "$l" "$LATTE_STEPS" 25
     if [ -d "$dl/ckpt" ] && [ ! -f "$dl/model.safetensors" ]; then
         "$D" finetune --resume --out "$dl" --steps "$LATTE_FT_STEPS"
     elif [ ! -f "$dl/model.safetensors" ]; then
-        "$D" finetune --from "$l/model.safetensors" --target-ratio 0.5 "${clips[@]}" \
+        "$D" finetune --from "$l/model.safetensors" --target-ratio 0.5 "${LATTE_CLIPS[@]}" \
             --steps "$LATTE_FT_STEPS" --batch-size 32 --lr 1e-4 \
             --router-lr 1e-3 --warmup-steps 200 \
             --ema-decay 0.99 --reorder-by-importance --ckpt-every 100 --log-every 10 --seed 2 \

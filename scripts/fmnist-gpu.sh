@@ -66,19 +66,10 @@ train() {
 # CPU run (batch 32, lr 5e-4, 4000 iterations).
 latte() {
     local l="$R/fmnist-latte"
-    local clips=(--data "$F/train-images-idx3-ubyte.gz" --moving-frames 16 --moving-item 16 --pad-to 32)
-    if [ ! -f "$l/model.safetensors" ]; then
-        step "pre-train Latte ($LATTE_STEPS it.)"
-        if [ -d "$l/ckpt" ]; then
-            "$D" train --resume --out "$l" --steps "$LATTE_STEPS"
-        else
-            "$D" train "${clips[@]}" --model custom --patch-size 4 --hidden-size 128 \
-                --depth 4 --num-heads 4 --batch-size 32 --lr 5e-4 --ema-decay 0.999 \
-                --steps "$LATTE_STEPS" --ckpt-every 250 --log-every 100 --seed 1 --out "$l"
-        fi
-    fi
+    [ -f "$l/model.safetensors" ] || step "pre-train Latte ($LATTE_STEPS it.)"
+    latte_pretrain_run "$l" "$LATTE_STEPS" 100
     [ -f "$l/model.safetensors" ] && finetune fmnist-dylatte-0.5 "$l/model.safetensors" 0.5 \
-        "${clips[@]}" --complete-model-steps 75
+        "${LATTE_CLIPS[@]}" --complete-model-steps 75
 }
 
 # The FID-10k protocol of the README: DDPM-50 (SiT: Heun on 26 grid points), cfg 1.5, seed 0,
