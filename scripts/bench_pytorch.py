@@ -5,6 +5,11 @@
 Usage:  python3 scripts/bench_pytorch.py --model DiT-S/2,DiT-XL/2 --batch 2,8 [--dtype bf16] [--json]
         python3 scripts/bench_pytorch.py --device cuda ...   # forward on the GPU, like a CUDA `dydit bench`
         python3 scripts/bench_pytorch.py --train --model small,DiT-S/2 --batch 8   # like `dydit bench --train`
+        python3 scripts/bench_pytorch.py --vae --runs 3    # SD-VAE decode of one 256² image, like `dydit bench --vae`
+
+`--vae` times the SD-VAE decoder (diffusers `Decoder` + `post_quant_conv`: channels 128/256/512/512,
+2+1 resnets per block, GroupNorm 32, one single-head mid attention) on a 4×32×32 latent, with the
+weights `dydit bench --vae` uses (N(0, 1/fan_in), zero biases).
 
 `--train` times one DiT training iteration as `dydit bench --train` does ("dit" mode): forward +
 ε-MSE loss, backward, AdamW step (median over runs, reported as fwd/bwd/opt). `small` is the
@@ -127,6 +132,82 @@ def bench_train(a):
                   f"{name:<9} {b:>5} {'dit':<15} {fm:>10.1f} {bm:>11.1f} {om:>8.1f} {fm + bm + om:>9.1f}  (PyTorch {torch.__version__}, {a.dtype})")
 
 
+class Resnet(nn.Module):
+    def __init__(self, ci, co):
+        super().__init__()
+        self.n1, self.c1 = nn.GroupNorm(32, ci, eps=1e-6), nn.Conv2d(ci, co, 3, padding=1)
+        self.n2, self.c2 = nn.GroupNorm(32, co, eps=1e-6), nn.Conv2d(co, co, 3, padding=1)
+        self.sc = nn.Conv2d(ci, co, 1) if ci != co else None
+
+    def forward(self, x):
+        h = self.c2(F.silu(self.n2(self.c1(F.silu(self.n1(x))))))
+        return (self.sc(x) if self.sc is not None else x) + h
+
+
+class MidAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, c, eps=1e-6)
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = self.norm(x).flatten(2).transpose(1, 2)
+        a = F.scaled_dot_product_attention(self.q(t)[:, None], self.k(t)[:, None], self.v(t)[:, None])[:, 0]
+        return x + self.o(a).transpose(1, 2).reshape(b, c, h, w)
+
+
+class VaeDecoder(nn.Module):
+    def __init__(self, ch=(128, 256, 512, 512), layers=2, z=4):
+        super().__init__()
+        self.post_quant = nn.Conv2d(z, z, 1)
+        self.conv_in = nn.Conv2d(z, ch[-1], 3, padding=1)
+        self.mid = nn.Sequential(Resnet(ch[-1], ch[-1]), MidAttention(ch[-1]), Resnet(ch[-1], ch[-1]))
+        rev, ci, self.ups = ch[::-1], ch[-1], nn.ModuleList()
+        for i, co in enumerate(rev):
+            blk = nn.ModuleList([Resnet(ci if j == 0 else co, co) for j in range(layers + 1)])
+            blk.up = nn.Conv2d(co, co, 3, padding=1) if i + 1 < len(rev) else None
+            self.ups.append(blk)
+            ci = co
+        self.norm_out, self.conv_out = nn.GroupNorm(32, ch[0], eps=1e-6), nn.Conv2d(ch[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(self.post_quant(z)))
+        for blk in self.ups:
+            for r in blk:
+                x = r(x)
+            if blk.up is not None:
+                x = blk.up(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def bench_vae(a):
+    m = VaeDecoder().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, (1.0 / p[0].numel()) ** 0.5)
+            else:
+                p.zero_()
+        for mod in m.modules():
+            if isinstance(mod, nn.GroupNorm):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+    z = torch.randn(1, 4, a.image_size // 8, a.image_size // 8)
+    times = []
+    with torch.inference_mode():
+        for i in range(a.warmup + a.runs):
+            t0 = time.perf_counter()
+            m(z)
+            if i >= a.warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    ms = statistics.median(times)
+    rec = {"bench": "vae", "image_size": a.image_size, "decode_ms": ms, "impl": "pytorch", "torch": torch.__version__,
+           "threads": torch.get_num_threads()}
+    print(json.dumps(rec) if a.json else
+          f"SD VAE decode {a.image_size}²: PyTorch {ms:.0f} ms (PyTorch {torch.__version__}, {torch.get_num_threads()} threads)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="DiT-S/2,DiT-XL/2")
@@ -137,11 +218,15 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--vae", action="store_true")
+    ap.add_argument("--image-size", type=int, default=256)
     a = ap.parse_args()
     torch.manual_seed(0)
     torch.set_flush_denormal(True)
     if a.train:
         return bench_train(a)
+    if a.vae:
+        return bench_vae(a)
     for name in a.model.split(","):
         size, p = name.split("-")[1].split("/")
         depth, c, h = SIZES[size]

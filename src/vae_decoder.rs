@@ -1,50 +1,92 @@
-//! The SD-VAE decoder (diffusers `Decoder` + `post_quant_conv`) on our CPU conv kernel.
+//! The SD-VAE decoder (diffusers `Decoder` + `post_quant_conv`) on our CPU kernels.
 //!
 //! Same weights, keys and arithmetic as candle-transformers' decoder (which [`crate::vae::Vae`]
-//! still uses off the CPU or outside f32). Every conv goes to [`crate::nn::conv::conv2d`]; group
-//! norms, SiLU, upsampling and the single-head mid attention are candle's own ops — the convs are
-//! ~95 % of the work.
+//! still uses off the CPU or outside f32). The wide 3×3 convs run on Winograd F(4×4, 3×3)
+//! ([`crate::nn::winograd`], the resnet's residual added in its output transform), the others on
+//! the im2col kernel ([`crate::nn::conv`]); every GroupNorm and the SiLU after it is one kernel
+//! ([`crate::nn::group_norm`]). Upsampling and the single-head mid attention are candle's ops.
 
 use candle::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::attention::{
     AttentionBlock, AttentionBlockConfig,
 };
 
 use crate::nn::conv::conv2d;
+use crate::nn::group_norm::group_norm;
+use crate::nn::winograd::{self, WinogradConv};
 
 const EPS: f64 = 1e-6;
 
-/// A conv layer: PyTorch weight `[Co, Ci, k, k]`, bias, "same" padding for 3×3.
-struct Conv {
-    w: Tensor,
-    b: Tensor,
-    padding: usize,
+/// A conv layer: PyTorch weight `[Co, Ci, k, k]`, bias, "same" padding for 3×3. The 3×3 convs
+/// wide enough for it run on Winograd F(4×4, 3×3) (filter transformed here, once); the others on
+/// the im2col kernel.
+enum Conv {
+    Winograd(WinogradConv),
+    Im2col {
+        w: Tensor,
+        b: Tensor,
+        padding: usize,
+    },
 }
 
 impl Conv {
     fn new(vb: VarBuilder, ci: usize, co: usize, k: usize) -> Result<Self> {
-        Ok(Self {
-            w: vb.get((co, ci, k, k), "weight")?,
-            b: vb.get(co, "bias")?,
+        let (w, b) = (vb.get((co, ci, k, k), "weight")?, vb.get(co, "bias")?);
+        if k == 3 && winograd::worth_it(ci, co) {
+            return Ok(Self::Winograd(WinogradConv::new(&w, Some(&b), 1)?));
+        }
+        Ok(Self::Im2col {
+            w,
+            b,
             padding: k / 2,
         })
     }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.w, Some(&self.b), self.padding)
+        match self {
+            Self::Winograd(c) => c.forward(x),
+            Self::Im2col { w, b, padding } => conv2d(x, w, Some(b), *padding),
+        }
+    }
+
+    /// `conv(x) + residual`.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Winograd(c) => c.forward_add(x, residual),
+            _ => self.forward(x)? + residual,
+        }
     }
 }
 
-fn norm(vb: VarBuilder, groups: usize, c: usize) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, c, EPS, vb)
+/// diffusers' GroupNorm (eps 1e-6), run with the SiLU that follows it as one kernel.
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    groups: usize,
+}
+
+impl Norm {
+    fn new(vb: VarBuilder, groups: usize, c: usize) -> Result<Self> {
+        Ok(Self {
+            w: vb.get(c, "weight")?,
+            b: vb.get(c, "bias")?,
+            groups,
+        })
+    }
+
+    /// `silu(group_norm(x))`.
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, &self.w, &self.b, self.groups, EPS, true)
+    }
 }
 
 /// diffusers `ResnetBlock2D` without time embedding: `shortcut(x) + conv2(silu(norm2(conv1(
 /// silu(norm1(x))))))`.
 struct Resnet {
-    norm1: GroupNorm,
+    norm1: Norm,
     conv1: Conv,
-    norm2: GroupNorm,
+    norm2: Norm,
     conv2: Conv,
     shortcut: Option<Conv>,
 }
@@ -52,9 +94,9 @@ struct Resnet {
 impl Resnet {
     fn new(vb: VarBuilder, groups: usize, ci: usize, co: usize) -> Result<Self> {
         Ok(Self {
-            norm1: norm(vb.pp("norm1"), groups, ci)?,
+            norm1: Norm::new(vb.pp("norm1"), groups, ci)?,
             conv1: Conv::new(vb.pp("conv1"), ci, co, 3)?,
-            norm2: norm(vb.pp("norm2"), groups, co)?,
+            norm2: Norm::new(vb.pp("norm2"), groups, co)?,
             conv2: Conv::new(vb.pp("conv2"), co, co, 3)?,
             shortcut: (ci != co)
                 .then(|| Conv::new(vb.pp("conv_shortcut"), ci, co, 1))
@@ -62,15 +104,11 @@ impl Resnet {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         match &self.shortcut {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
+            Some(s) => self.conv2.forward_add(&h, &s.forward(x)?),
+            None => self.conv2.forward_add(&h, x),
         }
     }
 }
@@ -85,7 +123,7 @@ pub struct FastDecoder {
     conv_in: Conv,
     mid: (Resnet, AttentionBlock, Resnet),
     ups: Vec<UpBlock>,
-    norm_out: GroupNorm,
+    norm_out: Norm,
     conv_out: Conv,
 }
 
@@ -134,7 +172,7 @@ impl FastDecoder {
             conv_in: Conv::new(d.pp("conv_in"), z, last, 3)?,
             mid,
             ups,
-            norm_out: norm(d.pp("conv_norm_out"), g, ch[0])?,
+            norm_out: Norm::new(d.pp("conv_norm_out"), g, ch[0])?,
             conv_out: Conv::new(d.pp("conv_out"), ch[0], 3, 3)?,
         })
     }
@@ -158,7 +196,6 @@ impl FastDecoder {
                 x = c.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        let x = candle_nn::ops::silu(&self.norm_out.forward(&x)?)?;
-        self.conv_out.forward(&x)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }

@@ -43,7 +43,7 @@ fn wanted(a: &Args, kernel: &str) -> bool {
         "gelu-tanh" => "gelu",
         "ln+modulate" => "ln",
         "attention" => "attention",
-        "conv3x3" => "conv",
+        "conv3x3" | "winograd3x3" => "conv",
         _ => "token-mlp",
     };
     a.only
@@ -95,6 +95,15 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     x.conv2d(&w, 1, 1, 1, 1)?
                         .broadcast_add(&b.reshape((1, c, 1, 1))?)
                 }),
+            };
+            report(&a, "SD-VAE", 1, &case)?;
+            // Winograd F(4×4, 3×3) against the im2col kernel above (filter transform at load).
+            let wino = crate::nn::winograd::WinogradConv::new(&w, Some(&b), 1)?;
+            let case = Case {
+                kernel: "winograd3x3",
+                shape: format!("[1, {ci}, {hw}, {hw}] → {c}"),
+                fused: Box::new(|| wino.forward(&x)),
+                composite: Box::new(|| crate::nn::conv::conv2d(&x, &w, Some(&b), 1)),
             };
             report(&a, "SD-VAE", 1, &case)?;
         }

@@ -5,9 +5,11 @@ pub mod autodiff;
 pub mod blas;
 pub mod conv;
 pub mod embed;
+pub mod group_norm;
 pub mod kernels;
 pub mod linear;
 pub mod ops;
 pub mod token_mlp;
+pub mod winograd;
 
 pub use linear::Linear;
