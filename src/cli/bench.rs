@@ -77,6 +77,13 @@ pub struct Args {
 }
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+/// Restarts the peak-RSS count at the current RSS (Linux `clear_refs` 5), so that a benchmark's
+/// peak covers what runs after the call — not the model's construction, where a bf16 model
+/// briefly holds its f32 initial weights too. A no-op where unsupported.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 pub fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -124,7 +131,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             "machine: {} threads, dtype {}, GEMM {}, warm-up {}, median of {}",
             threads,
             a.dtype,
-            super::common::gemm_backend(&dev),
+            super::common::gemm_backend(&dev, &a.dtype),
             a.warmup,
             a.runs
         );
@@ -142,6 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     {
         let cfg = DitConfig::preset(name, a.image_size)?;
         let dit = build(&cfg, &init_tensors(&cfg, None, Init::Random, 0)?, dt, &dev)?;
+        reset_peak_rss();
         for &b in &batches {
             let s = cfg.input_size;
             let x = candle::Tensor::randn(0f32, 1.0, (b, cfg.in_channels, s, s), &dev)?;
@@ -164,7 +172,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     "{}",
                     serde_json::json!({"model": name, "batch": b, "dtype": a.dtype, "forward_ms": ms,
                         "runs": a.runs, "threads": threads, "peak_rss_mib": peak,
-                        "blas": super::common::gemm_backend(&dev)})
+                        "blas": super::common::gemm_backend(&dev, &a.dtype)})
                 );
             } else {
                 println!(
@@ -217,7 +225,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
         println!(
             "machine: {threads} threads, dtype {}, GEMM {}, target ratio {}, token fraction {}, {} timesteps x median of {} rounds",
             a.dtype,
-            super::common::gemm_backend(&dev),
+            super::common::gemm_backend(&dev, &a.dtype),
             a.target_ratio,
             a.token_fraction,
             a.timesteps,
@@ -260,6 +268,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
             a.token_fraction,
             0,
         )?;
+        reset_peak_rss();
         let fm = FlopsModel::new(&cfg, Some(spec.token_hidden));
         for &b in &batches {
             let s = cfg.input_size;
@@ -307,7 +316,7 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
                         "flops_ratio": ratio, "speedup": speedup, "efficiency": speedup * ratio,
                         "target_ratio": a.target_ratio, "token_fraction": a.token_fraction,
                         "router_offset": a.router_offset, "timesteps": a.timesteps, "runs": a.runs,
-                        "threads": threads, "peak_rss_mib": peak, "blas": super::common::gemm_backend(&dev),
+                        "threads": threads, "peak_rss_mib": peak, "blas": super::common::gemm_backend(&dev, &a.dtype),
                         "slice_cache_mib": dy.cache.used_bytes() as f64 / 1048576.0})
                 );
             } else {

@@ -44,6 +44,7 @@ fn wanted(a: &Args, kernel: &str) -> bool {
         "ln+modulate" => "ln",
         "attention" => "attention",
         "conv3x3" | "winograd3x3" => "conv",
+        "bf16 linear" => "bf16",
         _ => "token-mlp",
     };
     a.only
@@ -55,8 +56,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     if let Some(o) = a.only.as_deref() {
         for w in o.split(',') {
             anyhow::ensure!(
-                ["gelu", "ln", "attention", "token-mlp", "conv"].contains(&w.trim()),
-                "--only: unknown kernel '{w}' (gelu, ln, attention, token-mlp, conv)"
+                ["gelu", "ln", "attention", "token-mlp", "conv", "bf16"].contains(&w.trim()),
+                "--only: unknown kernel '{w}' (gelu, ln, attention, token-mlp, conv, bf16)"
             );
         }
     }
@@ -165,6 +166,18 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                     composite: Box::new(move || attention_composite(q, b, t, heads, scale_att)),
                 });
             }
+            // The bf16 linear (fc1 at full width: bf16 weight, f32 input and output) against the
+            // same layer in f32.
+            let u_in = randn(1.0, &[b * n, c])?;
+            let fc1_f32 = Linear::new(fc1.clone(), Some(fc1_b.clone()));
+            let fc1_bf16 = Linear::new(fc1.to_dtype(candle::DType::BF16)?, Some(fc1_b.clone()));
+            let u2 = u_in.clone();
+            cases.push(Case {
+                kernel: "bf16 linear",
+                shape: format!("[{}, {c}] → {hidden}", b * n),
+                fused: Box::new(move || fc1_bf16.forward(&u_in)),
+                composite: Box::new(move || fc1_f32.forward(&u2)),
+            });
             let (rows_ref, fc1_w, fc1_bs, fc2_w, fc2_b) = (&rows, &fc1_w, &fc1_bs, &fc2_w, &fc2_b);
             let (x_ref, shift_ref, scale_ref, gate_ref) = (&x, &shift, &scale, &gate);
             if !token_mlp::fits(rows.len()) && wanted(&a, "sdt token mlp") && !a.json {

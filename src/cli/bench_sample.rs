@@ -82,7 +82,7 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
             "machine: {threads} threads, dtype {}, GEMM {}; {} images per run, {} {} steps, \
              cfg {}; {} warm-up + median of {} interleaved rounds",
             a.dtype,
-            super::common::gemm_backend(&dev),
+            super::common::gemm_backend(&dev, &a.dtype),
             batch,
             a.grid_steps,
             a.sampler,
@@ -136,7 +136,7 @@ pub fn run(a: Args, ckpts: &str) -> anyhow::Result<i32> {
                     "sampler": if flows[m] { "ode-heun" } else { a.sampler.as_str() },
                     "cfg_scale": a.cfg_scale,
                     "runs": a.runs, "threads": threads, "dtype": a.dtype,
-                    "blas": super::common::gemm_backend(&dev), "peak_rss_mib": peak_rss_mib()})
+                    "blas": super::common::gemm_backend(&dev, &a.dtype), "peak_rss_mib": peak_rss_mib()})
             );
         } else {
             println!(

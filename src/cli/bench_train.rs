@@ -162,7 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                         serde_json::json!({"model": name, "batch": b, "mode": mode, "dtype": "f32",
                             "forward_ms": f, "backward_ms": bw, "optimizer_ms": o, "step_ms": f + bw + o,
                             "runs": a.runs, "threads": threads, "peak_rss_mib": peak,
-                            "blas": super::common::gemm_backend(&dev)})
+                            "blas": super::common::gemm_backend(&dev, &a.dtype)})
                     );
                 } else {
                     println!(

@@ -43,13 +43,20 @@ pub fn device(cpu: bool) -> anyhow::Result<Device> {
     Ok(Device::Cpu)
 }
 
-/// The GEMM behind the matmuls on `dev`, for benchmark headers and JSON.
-pub fn gemm_backend(dev: &Device) -> &'static str {
+/// The GEMM behind the matmuls on `dev` (and, for `--dtype bf16/f16` on the CPU, behind the
+/// half-precision linears), for benchmark headers and JSON.
+pub fn gemm_backend(dev: &Device, dtype: &str) -> String {
     if dev.is_cuda() {
-        "cuBLAS (candle CUDA backend)"
-    } else {
-        crate::nn::blas::backend()
+        return "cuBLAS (candle CUDA backend)".into();
     }
+    let f32_gemm = crate::nn::blas::backend();
+    let half = match dtype {
+        "bf16" if crate::nn::bf16_gemm::preferred() => "own AVX512-BF16 kernel",
+        "bf16" | "f16" if cfg!(feature = "mkl") => "MKL mixed-precision GEMM",
+        "bf16" | "f16" => "candle matmul (no bf16 GEMM on this CPU/build)",
+        _ => return f32_gemm.into(),
+    };
+    format!("{f32_gemm}; {dtype} linears: {half}")
 }
 
 pub fn dtype(s: &str) -> DType {

@@ -160,6 +160,15 @@ fn cpu_vendor() -> Option<String> {
     vendor_of(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
 }
 
+/// Whether /proc/cpuinfo lists `flag` (e.g. `amx_bf16`; std's detection of AMX is unstable).
+pub(crate) fn cpu_has_flag(flag: &str) -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|l| l.split_whitespace().any(|f| f == flag))
+    })
+}
+
 fn vendor_of(cpuinfo: &str) -> Option<String> {
     let line = cpuinfo.lines().find(|l| l.starts_with("vendor_id"))?;
     Some(line.split_once(':')?.1.trim().to_string())

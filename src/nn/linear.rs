@@ -199,35 +199,27 @@ pub(crate) fn rows_f32<'a>(
     }
 }
 
-/// Whether `x · wᵀ` runs as [`HalfLinear`]: MKL build, f32 input without autograd, a bf16/f16
-/// weight the GEMM can read in place.
+/// Whether `x · wᵀ` runs as [`HalfLinear`]: f32 input without autograd, a 16-bit weight the GEMM
+/// can read in place, and a GEMM for it — our AVX512-BF16 kernel for bf16, MKL's mixed-precision
+/// GEMM in an MKL build.
 fn half_ok(x: &Tensor, w: &Tensor) -> bool {
-    cfg!(feature = "mkl")
-        && super::kernels::fast_ok(&[x])
-        && w.device().is_cpu()
-        && matches!(w.dtype(), candle::DType::BF16 | candle::DType::F16)
-        && unit_rows(w.layout())
+    let gemm = match w.dtype() {
+        candle::DType::BF16 => super::bf16_gemm::preferred() || cfg!(feature = "mkl"),
+        candle::DType::F16 => cfg!(feature = "mkl"),
+        _ => false,
+    };
+    gemm && super::kernels::fast_ok(&[x]) && w.device().is_cpu() && unit_rows(w.layout())
 }
 
 /// `x [M, K] (f32) · wᵀ (w [N, K] in bf16/f16)` → f32: the input is rounded to the weight's
-/// dtype and the product accumulates in f32 (MKL's mixed-precision GEMM; AMX where present).
+/// dtype and the product accumulates in f32 — on AVX512-BF16 ([`super::bf16_gemm`]) or in MKL's
+/// mixed-precision GEMM (AMX where present).
 struct HalfLinear;
 
 impl CustomOp2 for HalfLinear {
     fn name(&self) -> &'static str {
         "dydit-linear-half"
     }
-    #[cfg(not(feature = "mkl"))]
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle::bail!("half-precision linear: MKL build only")
-    }
-    #[cfg(feature = "mkl")]
     fn cpu_fwd(
         &self,
         sx: &CpuStorage,
@@ -251,53 +243,101 @@ impl CustomOp2 for HalfLinear {
         } else {
             (n - 1) * rs + k
         };
-        // The weight view and the input rounded to the weight's 16-bit format.
-        fn operands<T>(
-            w: &[T],
-            span: (usize, usize),
-            xs: &[f32],
-            round: impl Fn(f32) -> u16,
-        ) -> Result<(Vec<u16>, *const u16)> {
-            let w = w
-                .get(span.0..span.0 + span.1)
-                .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
-            Ok((
-                xs.iter().map(|&v| round(v)).collect(),
-                w.as_ptr() as *const u16,
-            ))
-        }
-        let at = (lw.start_offset(), span);
-        let (f16, (xh, wp)) = match sw {
-            CpuStorage::BF16(w) => (
-                false,
-                operands(w, at, xs, |v| half::bf16::from_f32(v).to_bits())?,
-            ),
-            CpuStorage::F16(w) => (
-                true,
-                operands(w, at, xs, |v| half::f16::from_f32(v).to_bits())?,
-            ),
-            _ => candle::bail!("half-precision linear: bf16/f16 weight expected"),
-        };
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        // SAFETY: xh holds m·k values, the weight view (n−1)·rs + k (checked above), y has
-        // capacity m·n and beta 0 writes all of it without reading; bf16/f16 are 16-bit
-        // patterns, the representation MKL_BF16 / MKL_F16 take.
-        unsafe {
-            super::blas::half_gemm_xwt(
-                f16,
-                m,
-                n,
-                k,
-                xh.as_ptr(),
-                wp,
-                rs,
-                y.as_mut_ptr(),
-                rayon::current_num_threads(),
-            );
-            y.set_len(m * n);
+        #[cfg(target_arch = "x86_64")]
+        if let CpuStorage::BF16(w) = sw {
+            if super::bf16_gemm::preferred() {
+                let start = lw.start_offset();
+                let w = w
+                    .get(start..start + span)
+                    .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
+                // SAFETY: preferred() implies the CPU features; w holds (n−1)·rs + k values, y
+                // has capacity m·n and the kernel writes all of it; bf16 is a 16-bit pattern.
+                unsafe {
+                    super::bf16_gemm::gemm_xwt(
+                        m,
+                        n,
+                        k,
+                        xs,
+                        w.as_ptr() as *const u16,
+                        rs,
+                        y.as_mut_ptr(),
+                        rayon::current_num_threads(),
+                    );
+                    y.set_len(m * n);
+                }
+                return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+            }
         }
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        mkl_half(xs, sw, lw, (m, n, k, rs, span), y)
     }
+}
+
+#[cfg(not(feature = "mkl"))]
+fn mkl_half(
+    _: &[f32],
+    _: &CpuStorage,
+    _: &Layout,
+    _: (usize, usize, usize, usize, usize),
+    _: Vec<f32>,
+) -> Result<(CpuStorage, Shape)> {
+    candle::bail!("half-precision linear: needs AVX512-BF16 (bf16 weights) or an MKL build")
+}
+
+/// The MKL build's mixed-precision GEMM (`cblas_gemm_bf16bf16f32` / `cblas_gemm_f16f16f32`).
+#[cfg(feature = "mkl")]
+fn mkl_half(
+    xs: &[f32],
+    sw: &CpuStorage,
+    lw: &Layout,
+    (m, n, k, rs, span): (usize, usize, usize, usize, usize),
+    mut y: Vec<f32>,
+) -> Result<(CpuStorage, Shape)> {
+    // The weight view and the input rounded to the weight's 16-bit format.
+    fn operands<T>(
+        w: &[T],
+        span: (usize, usize),
+        xs: &[f32],
+        round: impl Fn(f32) -> u16,
+    ) -> Result<(Vec<u16>, *const u16)> {
+        let w = w
+            .get(span.0..span.0 + span.1)
+            .ok_or_else(|| candle::Error::Msg("weight view past its storage".into()))?;
+        Ok((
+            xs.iter().map(|&v| round(v)).collect(),
+            w.as_ptr() as *const u16,
+        ))
+    }
+    let at = (lw.start_offset(), span);
+    let (f16, (xh, wp)) = match sw {
+        CpuStorage::BF16(w) => (
+            false,
+            operands(w, at, xs, |v| half::bf16::from_f32(v).to_bits())?,
+        ),
+        CpuStorage::F16(w) => (
+            true,
+            operands(w, at, xs, |v| half::f16::from_f32(v).to_bits())?,
+        ),
+        _ => candle::bail!("half-precision linear: bf16/f16 weight expected"),
+    };
+    // SAFETY: xh holds m·k values, the weight view (n−1)·rs + k (checked above), y has
+    // capacity m·n and beta 0 writes all of it without reading; bf16/f16 are 16-bit
+    // patterns, the representation MKL_BF16 / MKL_F16 take.
+    unsafe {
+        super::blas::half_gemm_xwt(
+            f16,
+            m,
+            n,
+            k,
+            xh.as_ptr(),
+            wp,
+            rs,
+            y.as_mut_ptr(),
+            rayon::current_num_threads(),
+        );
+        y.set_len(m * n);
+    }
+    Ok((CpuStorage::F32(y), Shape::from((m, n))))
 }
 
 /// Whether `x · wᵀ` should run as [`FrozenWeight`]: `x` carries a gradient, `w` is a constant
@@ -519,8 +559,15 @@ mod tests {
                     .unwrap()
                     .broadcast_add(&b)
                     .unwrap();
+                // The same rounded operands, f32 sums in another order: only the order differs
+                // (on the composite path, where neither GEMM exists, the product is in bf16).
+                let tol = if Linear::new(w.clone(), None).path(&x) == Path::Half {
+                    1e-5
+                } else {
+                    1e-2
+                };
                 let err = crate::nn::ops::max_rel_err(&y, &want).unwrap();
-                assert!(err < 1e-2, "{dt:?} k {k}: {err}");
+                assert!(err < tol, "{dt:?} k {k}: {err}");
             }
         }
     }
@@ -558,7 +605,7 @@ mod tests {
             "trainable weight"
         );
         let half = Linear::new(w.to_dtype(candle::DType::BF16).unwrap(), Some(b));
-        let want = if cfg!(feature = "mkl") {
+        let want = if cfg!(feature = "mkl") || crate::nn::bf16_gemm::preferred() {
             Path::Half
         } else {
             Path::Composite

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod autodiff;
+pub mod bf16_gemm;
 pub mod blas;
 pub mod conv;
 pub mod embed;
