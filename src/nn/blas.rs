@@ -4,9 +4,11 @@
 //! - Default build: the `gemm` crate (candle's own CPU GEMM; its AVX-512 kernels are chosen at
 //!   run time, so the binary stays portable).
 //! - `--features mkl`: Intel MKL's `cblas_sgemm`, the library candle's own `mkl` feature links
-//!   for `Tensor::matmul`. On this project's machine DiT-S/2 and DiT-XL/2 forwards ran 1.1–1.85×
-//!   faster with it (README, "The fast CPU build"). Operands MKL cannot express (neither unit row
-//!   nor unit column stride) still go to the `gemm` crate.
+//!   for `Tensor::matmul`. On the Sapphire Rapids machine DiT-S/2 and DiT-XL/2 forwards ran
+//!   1.1–1.85× faster with it (README, "The fast CPU build"). Operands MKL cannot express
+//!   (neither unit row nor unit column stride) still go to the `gemm` crate. On an AMD CPU, where
+//!   MKL runs generic kernels 1.8× slower than the `gemm` crate's AVX-512 ones, an MKL build
+//!   sends its GEMMs to the `gemm` crate too (`DYDIT_GEMM=mkl|gemm` overrides).
 
 /// `dst ← dst_scale·dst + lhs·rhs` for an `m×n` destination, `lhs` `m×k`, `rhs` `k×n`; strides
 /// in elements as `(row, col)`. `dst_scale == 0` means `dst` is written without being read (it
@@ -35,6 +37,7 @@ pub unsafe fn sgemm(
     }
     #[cfg(feature = "mkl")]
     if k > 0
+        && use_mkl()
         && mkl::sgemm(
             m, n, k, dst, dst_s, dst_scale, lhs, lhs_s, rhs, rhs_s, threads,
         )
@@ -142,16 +145,29 @@ pub unsafe fn half_gemm_xwt(
     mkl::half_gemm_xwt(f16, m, n, k, x, w, w_rs, y, threads)
 }
 
-/// Which BLAS [`sgemm`] uses, for benchmark and `inspect` output. An MKL build on an AMD CPU
-/// says so: MKL runs its generic kernels there, and the portable build measured 1.8× faster
-/// (README, "MKL on AMD").
+/// Whether an MKL build runs [`sgemm`] on MKL: not on an AMD CPU, where MKL picks generic
+/// kernels (`mkl_blas_cnr_def_sgemm_kernel_0_zen`) that ran 1.8× slower than the `gemm` crate
+/// (README, "MKL on AMD"). `DYDIT_GEMM=mkl` or `=gemm` decides instead. Read once.
+pub fn use_mkl() -> bool {
+    static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USE.get_or_init(|| {
+        cfg!(feature = "mkl")
+            && match std::env::var("DYDIT_GEMM").as_deref() {
+                Ok("mkl") => true,
+                Ok("gemm") => false,
+                _ => cpu_vendor().as_deref() != Some("AuthenticAMD"),
+            }
+    })
+}
+
+/// Which BLAS [`sgemm`] uses, for benchmark and `inspect` output.
 pub fn backend() -> &'static str {
-    if !cfg!(feature = "mkl") {
-        "gemm crate (AVX-512 kernels when the CPU has them)"
-    } else if cpu_vendor().as_deref() == Some("AuthenticAMD") {
-        "Intel MKL (cblas_sgemm; generic kernels on this AMD CPU, the portable build is faster)"
-    } else {
+    if use_mkl() {
         "Intel MKL (cblas_sgemm)"
+    } else if cfg!(feature = "mkl") {
+        "gemm crate (AVX-512 kernels; this MKL build leaves f32 GEMMs to it: MKL runs generic kernels on this CPU)"
+    } else {
+        "gemm crate (AVX-512 kernels when the CPU has them)"
     }
 }
 

@@ -57,6 +57,13 @@ impl Linear {
                     None => y,
                 }
             }
+            Path::Train => {
+                let y = x2.contiguous()?.apply_op2(&self.weight, TrainLinear)?;
+                match &self.bias {
+                    Some(b) => super::kernels::add_bias(y, b)?,
+                    None => y,
+                }
+            }
             Path::Fused => {
                 let x2 = x2.contiguous()?;
                 match &self.bias {
@@ -102,6 +109,8 @@ impl Linear {
             Path::Half
         } else if frozen_ok(x, &self.weight) {
             Path::Frozen
+        } else if train_ok(x, &self.weight) {
+            Path::Train
         } else if fused_ok(x, &self.weight, self.bias.as_ref()) {
             Path::Fused
         } else {
@@ -144,13 +153,17 @@ impl Linear {
 /// The implementations behind [`Linear::forward`], fastest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Path {
-    /// bf16/f16 weights, f32 input, MKL build: MKL's mixed-precision GEMM ([`HalfLinear`]).
+    /// bf16/f16 weights, f32 input: the AVX512-BF16 kernel or MKL's mixed-precision GEMM
+    /// ([`HalfLinear`]).
     Half,
     /// Training through a frozen f32 weight: the input's gradient only ([`FrozenWeight`]).
     Frozen,
+    /// Training a trainable f32 weight on the CPU: forward and both gradients on our GEMM
+    /// ([`TrainLinear`]).
+    Train,
     /// f32 CPU inference: one GEMM into an uninitialised buffer, bias in place ([`FusedLinear`]).
     Fused,
-    /// Everything else (GPU, trainable weights, f64, reduced precision without MKL): candle's ops.
+    /// Everything else (GPU, f64, reduced precision without a bf16 GEMM): candle's ops.
     Composite,
 }
 
@@ -374,7 +387,50 @@ impl CustomOp2 for FrozenWeight {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        Ok((Some(super::matmul::matmul_detached(grad, w)?), None))
+    }
+}
+
+/// Whether `x · wᵀ` runs as [`TrainLinear`]: a weight that carries a gradient, both f32 on the
+/// CPU, the weight readable in place.
+fn train_ok(x: &Tensor, w: &Tensor) -> bool {
+    w.track_op()
+        && unit_rows(w.layout())
+        && [x, w]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == candle::DType::F32)
+}
+
+/// `x · wᵀ` for training: the forward and both gradients (`dx = g · w`, `dw = gᵀ · x`) on
+/// [`super::blas::sgemm`], computed only for the operands that carry a gradient.
+struct TrainLinear;
+
+impl CustomOp2 for TrainLinear {
+    fn name(&self) -> &'static str {
+        "dydit-linear-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        FusedLinear.run((s1, l1), (s2, l2), None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x
+            .track_op()
+            .then(|| super::matmul::matmul_detached(grad, w))
+            .transpose()?;
+        let dw = super::matmul::matmul_detached(&grad.t()?, x)?;
+        Ok((dx, Some(dw)))
     }
 }
 
@@ -452,10 +508,11 @@ impl CustomOp3 for FrozenLora {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use super::matmul::matmul_detached as mm;
         Ok((
-            Some(grad.matmul(&self.w)?),
-            Some(grad.matmul(b)?),
-            Some(grad.t()?.matmul(u)?),
+            Some(mm(grad, &self.w)?),
+            Some(mm(grad, b)?),
+            Some(mm(&grad.t()?, u)?),
         ))
     }
 }
@@ -601,8 +658,13 @@ mod tests {
         let trainable = Linear::new(wv.as_tensor().clone(), Some(b.clone()));
         assert_eq!(
             trainable.path(xv.as_tensor()),
-            Path::Composite,
+            Path::Train,
             "trainable weight"
+        );
+        assert_eq!(
+            trainable.path(&x),
+            Path::Train,
+            "trainable weight, data input"
         );
         let half = Linear::new(w.to_dtype(candle::DType::BF16).unwrap(), Some(b));
         let want = if cfg!(feature = "mkl") || crate::nn::bf16_gemm::preferred() {
@@ -615,6 +677,71 @@ mod tests {
             lin.path(&x.to_dtype(candle::DType::F64).unwrap()),
             Path::Composite
         );
+    }
+
+    /// Every gradient of the training path — input, weight (whole or a column view), bias —
+    /// equals candle's composite matmul + bias, and a data input gets none.
+    #[test]
+    fn train_path_gives_candle_gradients() {
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(0f32, 1.0, (12, 20), &dev).unwrap();
+        let b0 = Tensor::randn(0f32, 1.0, 12, &dev).unwrap();
+        let x0 = Tensor::randn(0f32, 1.0, (2, 7, 16), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 7, 12), &dev).unwrap();
+        for (view, x_tracks) in [(false, true), (true, true), (false, false)] {
+            let (w, b) = (
+                candle::Var::from_tensor(&w0).unwrap(),
+                candle::Var::from_tensor(&b0).unwrap(),
+            );
+            let x = candle::Var::from_tensor(&x0).unwrap();
+            let wt = if view {
+                w.as_tensor().narrow(1, 2, 16).unwrap()
+            } else {
+                w.as_tensor()
+                    .narrow(1, 0, 16)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let xin = if x_tracks {
+                x.as_tensor().clone()
+            } else {
+                x0.clone()
+            };
+            let lin = Linear::new(wt.clone(), Some(b.as_tensor().clone()));
+            assert_eq!(lin.path(&xin.reshape((14, 16)).unwrap()), Path::Train);
+            let loss = (lin.forward(&xin).unwrap() * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let want = (xin
+                .broadcast_matmul(&wt.contiguous().unwrap().t().unwrap())
+                .unwrap()
+                .broadcast_add(b.as_tensor())
+                .unwrap()
+                * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let gw = want.backward().unwrap();
+            let case = (view, x_tracks);
+            for (name, t) in [("w", w.as_tensor()), ("b", b.as_tensor())] {
+                let err =
+                    crate::nn::ops::max_rel_err(g.get(t).unwrap(), gw.get(t).unwrap()).unwrap();
+                assert!(err < 1e-5, "{case:?} d{name}: {err}");
+            }
+            if x_tracks {
+                let err = crate::nn::ops::max_rel_err(
+                    g.get(x.as_tensor()).unwrap(),
+                    gw.get(x.as_tensor()).unwrap(),
+                )
+                .unwrap();
+                assert!(err < 1e-5, "{case:?} dx: {err}");
+            } else {
+                assert!(g.get(x.as_tensor()).is_none());
+            }
+        }
     }
 
     #[test]

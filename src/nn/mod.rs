@@ -9,6 +9,7 @@ pub mod embed;
 pub mod group_norm;
 pub mod kernels;
 pub mod linear;
+pub mod matmul;
 pub mod ops;
 pub mod token_mlp;
 pub mod winograd;
