@@ -8,6 +8,7 @@
 //! backbones → [`diffusion`] samplers and losses (DiT) and [`flow`] transport and ODE/SDE samplers
 //! (SiT) → [`io`] formats → [`golden`] parity checks.
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod diffusion;

@@ -5,20 +5,9 @@ use mimalloc::MiMalloc;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-extern "C" {
-    /// mimalloc's option setter (exported by the statically linked mimalloc v3).
-    fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
-}
-
-/// `mi_option_purge_delay` in mimalloc v3's `mi_option_e`.
-const MI_OPTION_PURGE_DELAY: std::os::raw::c_int = 15;
-
 fn main() {
-    // Keep freed pages instead of returning them to the OS after 10 ms: every forward pass
-    // allocates the same large activation buffers again, and re-faulting fresh zeroed pages cost
-    // ~10% of CPU time (measured: 16x fewer page faults).
-    // SAFETY: plain option setter of the linked allocator, called before any allocation-heavy work.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // Keep freed pages instead of returning them to the OS after 10 ms (see `dydit::alloc`).
+    dydit::alloc::keep_freed_pages();
     // candle runs elementwise ops on its own spinning barrier pool besides the rayon pool that
     // the GEMMs and our kernels use; on few cores the two pools steal each other's time (measured
     // ~20% of CPU spinning). The hot elementwise work is in our rayon kernels, so candle's pool

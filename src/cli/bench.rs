@@ -78,8 +78,8 @@ pub struct Args {
 
 /// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
 /// Restarts the peak-RSS count at the current RSS (Linux `clear_refs` 5), so that a benchmark's
-/// peak covers what runs after the call — not the model's construction, where a bf16 model
-/// briefly holds its f32 initial weights too. A no-op where unsupported.
+/// peak covers what runs after the call, not the model's construction. A no-op where
+/// unsupported.
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
@@ -148,7 +148,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .map(str::trim)
     {
         let cfg = DitConfig::preset(name, a.image_size)?;
-        let dit = build(&cfg, &init_tensors(&cfg, None, Init::Random, 0)?, dt, &dev)?;
+        let dit = crate::alloc::returning_freed_pages(|| {
+            build(&cfg, &init_tensors(&cfg, None, Init::Random, 0)?, dt, &dev)
+        })?;
         reset_peak_rss();
         for &b in &batches {
             let s = cfg.input_size;
@@ -255,12 +257,14 @@ fn run_dynamic(a: Args) -> anyhow::Result<i32> {
             format: crate::dynamic::router::RouterFormat::New,
             token_hidden: cfg.hidden_size / 16,
         };
-        let mut dit = build(
-            &cfg,
-            &init_tensors(&cfg, Some(spec), Init::Random, 0)?,
-            dt,
-            &dev,
-        )?;
+        let mut dit = crate::alloc::returning_freed_pages(|| {
+            build(
+                &cfg,
+                &init_tensors(&cfg, Some(spec), Init::Random, 0)?,
+                dt,
+                &dev,
+            )
+        })?;
         crate::dynamic::synthetic::fit_routers(
             &mut dit,
             &grid,

@@ -23,6 +23,7 @@ pub struct LoadedModel {
     /// Diffusion (DiT/DyDiT) or flow (SiT/DySiT): which sampler family to use.
     pub family: ModelFamily,
     pub class_names: Vec<String>,
+    /// The checkpoint's metadata; its tensors are released once the model is built.
     pub checkpoint: Checkpoint,
 }
 
@@ -132,6 +133,20 @@ pub fn load_model_with_adapter(
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<LoadedModel> {
+    // Load-time buffers (the checkpoint's f32 copies of bf16 weights) go back to the OS.
+    crate::alloc::returning_freed_pages(|| {
+        load_and_build(path, adapter, model, image_size, dtype, device)
+    })
+}
+
+fn load_and_build(
+    path: &Path,
+    adapter: Option<&Path>,
+    model: Option<&str>,
+    image_size: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<LoadedModel> {
     let mut ck = checkpoint::load(path)?;
     let mut cfg = resolve_config(&ck, model, image_size)?;
     let family = resolve_family(&ck, model)?;
@@ -153,6 +168,9 @@ pub fn load_model_with_adapter(
         )
     })?;
     dit.fold_static_lora()?;
+    // The model holds what it needs: f32 tensors are shared with it, and the f32 originals of
+    // bf16/f16 weights would only double the memory of a half-precision model.
+    ck.tensors.clear();
     let class_names = match ck.metadata.get(META_CLASSES) {
         Some(js) => serde_json::from_str(js)
             .with_context(|| format!("{}: bad '{META_CLASSES}'", path.display()))?,
