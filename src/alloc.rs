@@ -7,6 +7,10 @@
 
 use std::os::raw::{c_int, c_long};
 
+// Links mimalloc into every binary of this crate (tests included), which the `extern` functions
+// below need even where it is not the global allocator.
+extern crate mimalloc as _;
+
 extern "C" {
     fn mi_option_set(option: c_int, value: c_long);
     fn mi_collect(force: bool);

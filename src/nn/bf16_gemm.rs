@@ -8,8 +8,9 @@
 //! multiplies, and a tile broadcasts one 32-bit pair per weight row. The small operand, the f32
 //! input, is rounded to bf16 once per call and packed in panels of 32 rows, pair-interleaved (two
 //! registers per k-pair). A register tile is 12 weight rows × 32 input rows (24 accumulators);
-//! it is written back to `y [M, N]` with a strided scatter. Weight rows are walked in blocks
+//! it is written back to `y [M, N]` transposed through a small stack tile. Weight rows are walked in blocks
 //! that stay in L2 while every input panel passes over them; blocks are shared among threads.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 /// Input rows per panel (two 16-lane registers).
 const NR: usize = 32;
@@ -44,23 +45,23 @@ pub fn preferred() -> bool {
     })
 }
 
-/// `y[m, n] = Σₖ bf16(x[m, k]) · w[n, k]` in f32, for `x` `m×k` row-major f32, `w` `n×k` bf16 bit
-/// patterns with row stride `rs` (a column-sliced view reads in place), `y` `m×n` row-major.
-/// `x` is rounded to nearest-even, as `half::bf16::from_f32` does.
+/// `y[m, n] = Σₖ bf16(x[m, k]) · w[n, k]` in f32, for `x` `m×k` f32 with row stride `x_rs`, `w`
+/// `n×k` bf16 bit patterns with row stride `rs` (a column-sliced view reads in place), `y` `m×n`
+/// with row stride `ldy`. `x` is rounded to nearest-even, as `half::bf16::from_f32` does.
 ///
 /// # Safety
-/// [`available`] must be true; `w` must address `(n − 1)·rs + k` values and `y` `m·n` values
-/// (written without being read).
+/// [`available`] must be true; `x` must hold `(m − 1)·x_rs + k` values, `w` address
+/// `(n − 1)·rs + k` values and `y` `(m − 1)·ldy + n` (written without being read).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_xwt(
     m: usize,
     n: usize,
     k: usize,
-    x: &[f32],
+    (x, x_rs): (&[f32], usize),
     w: *const u16,
     rs: usize,
-    y: *mut f32,
+    (y, ldy): (*mut f32, usize),
     threads: usize,
 ) {
     use rayon::prelude::*;
@@ -68,7 +69,9 @@ pub unsafe fn gemm_xwt(
         return;
     }
     if k == 0 {
-        std::ptr::write_bytes(y, 0, m * n);
+        for i in 0..m {
+            std::ptr::write_bytes(y.add(i * ldy), 0, n);
+        }
         return;
     }
     let kp = k.div_ceil(2);
@@ -77,7 +80,7 @@ pub unsafe fn gemm_xwt(
     let mut xp = vec![0u32; panels * kp * NR];
     xp.par_chunks_mut(kp * NR)
         .enumerate()
-        .for_each(|(q, panel)| pack_panel(x, m, k, q, panel));
+        .for_each(|(q, panel)| pack_panel((x, x_rs), m, k, q, panel));
     let block_rows = (BLOCK_BYTES / (2 * k)).max(MR) / MR * MR;
     let blocks: Vec<usize> = (0..n).step_by(block_rows).collect();
     let (dst, src) = (Dst(y), Src(w));
@@ -97,8 +100,8 @@ pub unsafe fn gemm_xwt(
                         src.0.add(t0 * rs),
                         rs,
                         k,
-                        dst.0.add(q * NR * n + t0),
-                        n,
+                        dst.0.add(q * NR * ldy + t0),
+                        ldy,
                         mv,
                     )
                 };
@@ -125,7 +128,7 @@ unsafe impl Send for Src {}
 unsafe impl Sync for Src {}
 
 /// Panel `q` of the packed input: rows `32q..32q + 32` rounded to bf16 and pair-interleaved.
-fn pack_panel(x: &[f32], m: usize, k: usize, q: usize, panel: &mut [u32]) {
+fn pack_panel(x: (&[f32], usize), m: usize, k: usize, q: usize, panel: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX-512F and AVX512-BF16 checked by available().
@@ -139,7 +142,13 @@ fn pack_panel(x: &[f32], m: usize, k: usize, q: usize, panel: &mut [u32]) {
 /// (round to nearest even, like `half`), scattered down the panel's lanes for this row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_panel_avx512(x: &[f32], m: usize, k: usize, q: usize, panel: &mut [u32]) {
+unsafe fn pack_panel_avx512(
+    (x, x_rs): (&[f32], usize),
+    m: usize,
+    k: usize,
+    q: usize,
+    panel: &mut [u32],
+) {
     use std::arch::x86_64::*;
     let idx = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
@@ -148,7 +157,7 @@ unsafe fn pack_panel_avx512(x: &[f32], m: usize, k: usize, q: usize, panel: &mut
     let kp = k.div_ceil(2);
     assert!(panel.len() >= kp * NR);
     for r in 0..NR.min(m - q * NR) {
-        let row = &x[(q * NR + r) * k..(q * NR + r + 1) * k];
+        let row = &x[(q * NR + r) * x_rs..(q * NR + r) * x_rs + k];
         for c0 in (0..k).step_by(32) {
             let left = k - c0;
             let (ma, mb): (__mmask16, __mmask16) = if left >= 32 {
@@ -178,9 +187,9 @@ unsafe fn pack_panel_avx512(x: &[f32], m: usize, k: usize, q: usize, panel: &mut
     }
 }
 
-fn pack_panel_scalar(x: &[f32], m: usize, k: usize, q: usize, panel: &mut [u32]) {
+fn pack_panel_scalar((x, x_rs): (&[f32], usize), m: usize, k: usize, q: usize, panel: &mut [u32]) {
     for r in 0..NR.min(m - q * NR) {
-        let row = &x[(q * NR + r) * k..(q * NR + r + 1) * k];
+        let row = &x[(q * NR + r) * x_rs..(q * NR + r) * x_rs + k];
         let pairs = row.chunks_exact(2);
         let tail = pairs.remainder().first().copied();
         for (p, pair) in pairs.enumerate() {
@@ -299,8 +308,8 @@ mod tests {
             let kp = k.div_ceil(2);
             for q in 0..m.div_ceil(NR) {
                 let (mut a, mut b) = (vec![0u32; kp * NR], vec![0u32; kp * NR]);
-                pack_panel(&x, m, k, q, &mut a);
-                pack_panel_scalar(&x, m, k, q, &mut b);
+                pack_panel((&x, k), m, k, q, &mut a);
+                pack_panel_scalar((&x, k), m, k, q, &mut b);
                 assert_eq!(a, b, "m {m}, k {k}, panel {q}");
             }
         }
@@ -321,29 +330,42 @@ mod tests {
         };
         // (m, n, k, row stride of w, threads): tile and panel remainders, odd k, a column view
         // (stride > k), one row, several blocks.
-        for &(m, n, k, rs, threads) in &[
-            (1, 1, 1, 1, 1),
-            (5, 13, 7, 7, 1),
-            (33, 25, 64, 64, 2),
-            (70, 40, 31, 45, 2),
-            (64, 600, 96, 128, 2),
-            (40, 3000, 130, 130, 2),
+        for &(m, n, k, rs, threads, pad) in &[
+            (1, 1, 1, 1, 1, 0),
+            (5, 13, 7, 7, 1, 0),
+            (33, 25, 64, 64, 2, 3),
+            (70, 40, 31, 45, 2, 0),
+            (64, 600, 96, 128, 2, 5),
+            (40, 3000, 130, 130, 2, 0),
         ] {
-            let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            // Strided rows of x and y when `pad` > 0 (attention's views of the qkv buffer).
+            let (x_rs, ldy) = (k + pad, n + pad);
+            let x: Vec<f32> = (0..(m - 1) * x_rs + k).map(|_| rnd()).collect();
             let wf: Vec<f32> = (0..n * rs).map(|_| rnd()).collect();
             let w: Vec<u16> = wf.iter().map(|&v| bf16_bits(v)).collect();
-            let mut y = vec![f32::NAN; m * n];
-            unsafe { gemm_xwt(m, n, k, &x, w.as_ptr(), rs, y.as_mut_ptr(), threads) };
+            let mut y = vec![f32::NAN; (m - 1) * ldy + n];
+            unsafe {
+                gemm_xwt(
+                    m,
+                    n,
+                    k,
+                    (&x, x_rs),
+                    w.as_ptr(),
+                    rs,
+                    (y.as_mut_ptr(), ldy),
+                    threads,
+                )
+            };
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k)
-                        .map(|c| round(x[i * k + c]) as f64 * round(wf[j * rs + c]) as f64)
+                        .map(|c| round(x[i * x_rs + c]) as f64 * round(wf[j * rs + c]) as f64)
                         .sum();
-                    let got = y[i * n + j] as f64;
+                    let got = y[i * ldy + j] as f64;
                     assert!(
                         (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6 * want.abs(),
                         "{:?} y[{i}, {j}] = {got}, want {want}",
-                        (m, n, k, rs)
+                        (m, n, k, rs, pad)
                     );
                 }
             }

@@ -271,10 +271,10 @@ impl CustomOp2 for HalfLinear {
                         m,
                         n,
                         k,
-                        xs,
+                        (xs, k),
                         w.as_ptr() as *const u16,
                         rs,
-                        y.as_mut_ptr(),
+                        (y.as_mut_ptr(), n),
                         rayon::current_num_threads(),
                     );
                     y.set_len(m * n);
