@@ -105,9 +105,8 @@ impl WinogradConv {
             for i in 0..ci {
                 let g = &ws[(o * ci + i) * 9..(o * ci + i + 1) * 9];
                 // Columns of G g (6×3), then rows of (G g) Gᵀ (6×6).
-                let cols: Vec<[f64; 6]> = (0..3)
-                    .map(|x| g3([g[x] as f64, g[3 + x] as f64, g[6 + x] as f64]))
-                    .collect();
+                let cols: [[f64; 6]; 3] =
+                    std::array::from_fn(|x| g3([g[x] as f64, g[3 + x] as f64, g[6 + x] as f64]));
                 for r in 0..6 {
                     let row = g3([cols[0][r], cols[1][r], cols[2][r]]);
                     for (c, v) in row.iter().enumerate() {
