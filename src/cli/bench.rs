@@ -31,14 +31,15 @@ pub struct Args {
     #[arg(long)]
     pub train: bool,
     /// Time each fused CPU kernel (GELU-tanh, LayerNorm+modulate, attention at 256–4096
-    /// tokens, the SDT token MLP) against the composite ops it replaces, at --model's shapes.
+    /// tokens, the SDT token MLP, the VAE's 3×3 convs, the bf16 linear) against the composite
+    /// ops it replaces, at --model's shapes.
     #[arg(long)]
     pub kernels: bool,
     /// Time the SD VAE decode of one --image-size image (random weights): our CPU decoder against
     /// candle-transformers' on the same weights.
     #[arg(long)]
     pub vae: bool,
-    /// With --kernels: only these (comma separated: gelu, ln, attention, token-mlp).
+    /// With --kernels: only these (comma separated: gelu, ln, attention, token-mlp, conv, bf16).
     #[arg(long)]
     pub only: Option<String>,
     /// Time static vs dynamic (DyDiT) sampling steps side by side, interleaved.
