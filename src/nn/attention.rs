@@ -16,19 +16,7 @@ use candle::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// A raw pointer that rayon tasks may share: every task writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: used only for writes to disjoint regions, see the call sites.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// Through a method, so closures capture the whole (Send + Sync) wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
+use super::shared_ptr::SharedMut;
 
 /// `dst (m×n) = lhs (m×k) · rhs (k×n)` on strided views (strides in elements: `(row, col)`),
 /// single-threaded (the callers parallelise over heads).

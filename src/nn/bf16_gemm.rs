@@ -83,9 +83,12 @@ pub unsafe fn gemm_xwt(
         .for_each(|(q, panel)| pack_panel((x, x_rs), m, k, q, panel));
     let block_rows = (BLOCK_BYTES / (2 * k)).max(MR) / MR * MR;
     let blocks: Vec<usize> = (0..n).step_by(block_rows).collect();
-    let (dst, src) = (Dst(y), Src(w));
+    // Blocks write disjoint column ranges of y and only read w.
+    let (dst, src) = (
+        super::shared_ptr::SharedMut(y),
+        super::shared_ptr::SharedConst(w),
+    );
     let run = |&n0: &usize| {
-        let (dst, src) = (&dst, &src);
         let rows = block_rows.min(n - n0);
         for q in 0..panels {
             let mv = NR.min(m - q * NR);
@@ -97,10 +100,10 @@ pub unsafe fn gemm_xwt(
                     tile(
                         r,
                         xq,
-                        src.0.add(t0 * rs),
+                        src.ptr().add(t0 * rs),
                         rs,
                         k,
-                        dst.0.add(q * NR * ldy + t0),
+                        dst.ptr().add(q * NR * ldy + t0),
                         ldy,
                         mv,
                     )
@@ -114,18 +117,6 @@ pub unsafe fn gemm_xwt(
         blocks.iter().for_each(run);
     }
 }
-
-#[derive(Clone, Copy)]
-struct Dst(*mut f32);
-// SAFETY: blocks write disjoint column ranges of y.
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
-
-#[derive(Clone, Copy)]
-struct Src(*const u16);
-// SAFETY: the weight is only read.
-unsafe impl Send for Src {}
-unsafe impl Sync for Src {}
 
 /// Panel `q` of the packed input: rows `32q..32q + 32` rounded to bf16 and pair-interleaved.
 fn pack_panel(x: (&[f32], usize), m: usize, k: usize, q: usize, panel: &mut [u32]) {

@@ -10,6 +10,7 @@ use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::f32_slice;
+use super::shared_ptr::SharedMut;
 
 /// im2col scratch per band, in f32 values (8 MiB: stays within a core's share of L2 + L3).
 const BAND_VALUES: usize = 2 << 20;
@@ -36,19 +37,6 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize) -> Res
 
 struct Conv2d {
     padding: usize,
-}
-
-/// The output, shared by the band tasks: each writes only its own columns of each channel row.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: bands cover disjoint output pixels (see `run`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Conv2d {
@@ -118,7 +106,8 @@ impl Conv2d {
         let bands: Vec<(usize, usize)> = (0..n)
             .flat_map(|img| (0..ho).step_by(band).map(move |y0| (img, y0)))
             .collect();
-        let dst = Out(out.as_mut_ptr());
+        // Shared by the band tasks: each writes only its own columns of each channel row.
+        let dst = SharedMut(out.as_mut_ptr());
         bands.par_iter().for_each(|&(img, y0)| {
             let dst = &dst;
             let rows = band.min(ho - y0);

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod linear;
 pub mod matmul;
 pub mod ops;
+pub(crate) mod shared_ptr;
 pub mod token_mlp;
 pub mod winograd;
 

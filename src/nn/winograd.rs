@@ -15,6 +15,7 @@ use candle::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::f32_slice;
+use super::shared_ptr::SharedMut;
 
 /// Positions of the transformed 6×6 tile.
 const P: usize = 36;
@@ -153,19 +154,6 @@ pub fn worth_it(ci: usize, co: usize) -> bool {
     ci >= 32 && co >= 32
 }
 
-/// The output, shared by the band tasks: each writes only its own tile rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: bands cover disjoint output rows (see `cpu_fwd`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 impl WinogradConv {
     fn run(
         &self,
@@ -206,7 +194,8 @@ impl WinogradConv {
             .collect();
         let total = n * co * ho * wo;
         let mut out: Vec<f32> = Vec::with_capacity(total);
-        let dst = Out(out.as_mut_ptr());
+        // Shared by the band tasks: each writes only its own tile rows.
+        let dst = SharedMut(out.as_mut_ptr());
         let geo = Geometry {
             ci,
             co,
