@@ -3,7 +3,7 @@
 //! whole-tensor passes. The SD-VAE decoder spent more time in candle's GroupNorm and SiLU than in
 //! half of its convs.
 
-use candle::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::{exp_approx, f32_slice, LANES};
@@ -31,33 +31,13 @@ pub fn group_norm(
             .contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op);
     }
-    let y = composite(x, weight, bias, groups, eps)?;
+    let c = x.dim(1)?;
+    let y = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, groups, eps)?.forward(x)?;
     if silu {
         candle_nn::ops::silu(&y)
     } else {
         Ok(y)
     }
-}
-
-/// candle's composite GroupNorm (what `candle_nn::GroupNorm` computes).
-fn composite(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    groups: usize,
-    eps: f64,
-) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (n, c) = (dims[0], dims[1]);
-    let mut shape = vec![1, c];
-    shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-    let xs = x.reshape((n, groups, ()))?;
-    let mean = xs.mean_keepdim(2)?;
-    let xc = xs.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(2)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims)?;
-    y.broadcast_mul(&weight.reshape(shape.as_slice())?)?
-        .broadcast_add(&bias.reshape(shape.as_slice())?)
 }
 
 #[inline(always)]
